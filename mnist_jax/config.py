@@ -36,6 +36,8 @@ class Config:
     dataset: str = "mnist"
     data_dir: str | None = None
     source: str = "auto"
+    train_examples: int = 0
+    test_examples: int = 0
     # model: the classic conv32-conv64-dense256-dense10 CNN
     conv_features: tuple[int, ...] = (32, 64)
     dense_features: int = 256
@@ -81,6 +83,8 @@ FIELD_HELP = {
     "dataset": f"Dataset: one of {', '.join(DATASETS)}.",
     "data_dir": "Directory with the four IDX files (default: $MNIST_JAX_DATA_DIR, else the cache).",
     "source": f"Where data comes from: one of {', '.join(SOURCES)}.",
+    "train_examples": "Train on only the first N training images (0: all of them).",
+    "test_examples": "Evaluate on only the first N test images (0: all of them).",
     "conv_features": "Output channels of each 3x3 convolution block, e.g. 32,64.",
     "dense_features": "Width of the hidden dense layer.",
     "dropout": "Dropout rate before the classifier (0 turns it off).",
@@ -189,6 +193,9 @@ def _validate(c: Config) -> None:
             raise bad(f"{name} must be a positive integer, got {getattr(c, name)}")
     if not c.conv_features or any(f <= 0 for f in c.conv_features):
         raise bad(f"conv_features must be positive integers, got {list(c.conv_features)}")
+    for name in ("train_examples", "test_examples"):
+        if getattr(c, name) < 0:
+            raise bad(f"{name} must be 0 (all) or positive, got {getattr(c, name)}")
     if c.steps_per_call < 0:
         raise bad(f"steps_per_call must be 0 (auto) or positive, got {c.steps_per_call}")
     if c.warmup_steps < -1:

@@ -1,0 +1,120 @@
+"""Using a trained run: `evaluate` a split from its best checkpoint, `predict` image files.
+
+Both rebuild the model from the run's `config.json` and restore `checkpoints/best` (falling
+back to `checkpoints/last` for a run that never finished an epoch's evaluation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mnist_jax import data as data_lib
+from mnist_jax import images as images_lib
+from mnist_jax import metrics, steps
+from mnist_jax.checkpoint import Checkpoints
+from mnist_jax.config import build_config
+from mnist_jax.errors import UserError
+from mnist_jax.tracking import RunRecord, write_json_atomic
+
+EVAL_FILE = "eval.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    config: Any
+    built: steps.Steps
+    state: steps.TrainState
+    step: int
+    kind: str
+    class_names: tuple[str, ...]
+
+
+def restore_run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> Restored:
+    """The run's model with the weights of its best (else last) checkpoint."""
+    record = RunRecord.open(run_dir)
+    config = build_config(record.read_config()["config"], overrides or {})
+    class_names = data_lib.CLASS_NAMES[config.dataset]
+    built = steps.build(config, len(class_names), total_steps=1)
+    checkpoints = Checkpoints(record.checkpoints_dir)
+    try:
+        for kind in ("best", "last"):
+            step = checkpoints.latest_step(kind)
+            if step is not None:
+                template = {"state": built.init_state, "epoch_sums": steps.TrainSums.zeros()}
+                payload, _ = checkpoints.restore(kind, template, step)
+                return Restored(config, built, payload["state"], step, kind, class_names)
+    finally:
+        checkpoints.close()
+    raise UserError(f"run {run_dir} has no checkpoint yet; train it (or --resume it) first")
+
+
+def evaluate_run(
+    run_dir: str | Path, split: str = "test", data_dir: str | None = None
+) -> dict[str, Any]:
+    """Evaluates the restored model on every image of `split`; writes and returns eval.json."""
+    if split not in ("train", "test"):
+        raise UserError(f"unknown split {split!r}; choose train or test")
+    restored = restore_run(run_dir, {"data_dir": data_dir} if data_dir else None)
+    config = restored.config
+    dataset = data_lib.load_dataset(config.dataset, config.data_dir, config.source)
+    limit = config.train_examples if split == "train" else config.test_examples
+    part = getattr(dataset, split)
+    if limit:
+        part = data_lib.Split(part.images[:limit], part.labels[:limit])
+    batches = steps.eval_data(part.images, part.labels, config.eval_batch_size)
+    evaluate = steps.make_evaluate(restored.built, restored.state, batches)
+    sums, probs_NxC = evaluate(restored.state, batches)
+    summary = jax.jit(metrics.classification_summary)(
+        sums.confusion, probs_NxC, jnp.asarray(part.labels, jnp.int32)
+    )
+    loss = float(sums.loss_sum) / int(sums.count)
+    result = {
+        "checkpoint": restored.kind,
+        "step": restored.step,
+        **metrics.to_record(split, jax.device_get(summary), sums.confusion, loss),
+    }
+    write_json_atomic(Path(run_dir) / EVAL_FILE, result)
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    path: str
+    label: str | None = None
+    top: tuple[tuple[str, float], ...] = ()
+    error: str | None = None
+
+
+def predict_files(
+    run_dir: str | Path, paths: Sequence[str | Path], *, invert: bool = False, top_k: int = 3
+) -> list[Prediction]:
+    """Classifies image files; a file that cannot be read gets an error, the others go on."""
+    restored = restore_run(run_dir)
+    loaded, results = [], []
+    for path in paths:
+        try:
+            loaded.append((str(path), images_lib.load_digit(path, invert=invert)))
+        except UserError as e:
+            results.append(Prediction(str(path), error=str(e)))
+    if loaded:
+        batch_NxHxW = jnp.asarray(np.stack([image for _, image in loaded]))
+        labels = jnp.zeros(len(loaded), jnp.int32)
+        mask = jnp.ones(len(loaded), bool)
+        _, probs_NxC = jax.jit(restored.built.eval_step)(
+            restored.state, (batch_NxHxW, labels), mask
+        )
+        probs_NxC = np.asarray(probs_NxC)
+        names = restored.class_names
+        for (path, _), probs in zip(loaded, probs_NxC, strict=True):
+            order = np.argsort(-probs)[:top_k]
+            top = tuple((names[i], float(probs[i])) for i in order)
+            results.append(Prediction(path, names[order[0]], top))
+    by_path = {str(p): i for i, p in enumerate(paths)}
+    return sorted(results, key=lambda r: by_path[r.path])

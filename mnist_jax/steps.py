@@ -1,0 +1,256 @@
+"""Train state, optimizer, and the pure train and eval steps.
+
+`train_step(state, batch, rng)` and `eval_step(state, batch, mask)` are pure functions. What the
+loop compiles is `train_chunk`: K train steps (K = `steps_per_call`) that gather their batches on
+the device from the epoch's permutation, so one dispatch carries no host data at all. Training
+metrics are accumulated as sums on the device and divided once, at log time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mnist_jax import metrics
+from mnist_jax.config import Config
+from mnist_jax.model import create_model, preprocess
+
+PERMUTATION_STREAM = 1
+STEP_STREAM = 2
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: nnx.State
+    model_state: nnx.State  # non-trainable variables (batch statistics)
+    opt_state: optax.OptState
+
+
+class TrainSums(NamedTuple):
+    """Running sums over training steps; divided once, when logged."""
+
+    loss_sum: jax.Array
+    correct: jax.Array
+    count: jax.Array
+    first_bad_step: jax.Array  # first step whose loss was not finite, -1 if none
+
+    @staticmethod
+    def zeros() -> TrainSums:
+        return TrainSums(
+            jnp.zeros((), jnp.float32),
+            jnp.zeros((), jnp.int32),
+            jnp.zeros((), jnp.int32),
+            jnp.full((), -1, jnp.int32),
+        )
+
+
+class EvalSums(NamedTuple):
+    """Evaluation counts: additive across batches (and devices)."""
+
+    loss_sum: jax.Array
+    count: jax.Array
+    confusion: jax.Array  # int32 [C, C]
+
+
+def warmup_steps(config: Config, total_steps: int) -> int:
+    if config.warmup_steps >= 0:
+        return min(config.warmup_steps, total_steps)
+    return total_steps // 10 if config.schedule == "onecycle" else 0
+
+
+def make_schedule(config: Config, total_steps: int) -> optax.Schedule:
+    """The learning rate by step: `lr` is the peak for cosine and onecycle."""
+    warmup = warmup_steps(config, total_steps)
+    total = max(total_steps, 1)
+    if config.schedule == "onecycle":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=config.lr / 25,
+            peak_value=config.lr,
+            warmup_steps=warmup,
+            decay_steps=total,
+            end_value=config.lr / 25e4,
+        )
+    if config.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=config.lr, warmup_steps=warmup, decay_steps=total
+        )
+    if warmup:
+        return optax.linear_schedule(0.0, config.lr, warmup)
+    return optax.constant_schedule(config.lr)
+
+
+def make_optimizer(config: Config, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """optax chain: optional clipping, L2 weight decay (decoupled for adamw), the optimizer."""
+    parts = []
+    if config.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(config.grad_clip))
+    if config.optimizer == "adamw":
+        parts.append(optax.adamw(schedule, b1=config.momentum, weight_decay=config.weight_decay))
+        return optax.chain(*parts)
+    if config.weight_decay > 0:
+        parts.append(optax.add_decayed_weights(config.weight_decay))
+    if config.optimizer == "adam":
+        parts.append(optax.adam(schedule, b1=config.momentum))
+    elif config.optimizer == "momentum":
+        parts.append(optax.sgd(schedule, momentum=config.momentum))
+    else:
+        parts.append(optax.sgd(schedule))
+    return optax.chain(*parts)
+
+
+class Steps(NamedTuple):
+    """Everything compiled for one config: built once, called many times."""
+
+    graphdef: nnx.GraphDef
+    schedule: optax.Schedule
+    optimizer: optax.GradientTransformation
+    init_state: TrainState
+    train_step: Callable[..., Any]
+    eval_step: Callable[..., Any]
+
+
+def build(config: Config, num_classes: int, total_steps: int) -> Steps:
+    """Model, optimizer, initial state and the pure step functions for `config`."""
+    model = create_model(config, num_classes)
+    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    schedule = make_schedule(config, total_steps)
+    optimizer = make_optimizer(config, schedule)
+    state = TrainState(jnp.zeros((), jnp.int32), params, model_state, optimizer.init(params))
+
+    def forward(params, model_state, images_BxHxW, *, train, dropout_key=None):
+        module = nnx.merge(graphdef, params, model_state, copy=True)
+        logits_BxC = module(preprocess(images_BxHxW), train=train, dropout_key=dropout_key)
+        _, new_model_state = nnx.split(module, nnx.Param, ...)[1:]
+        return logits_BxC, new_model_state
+
+    def train_step(state: TrainState, batch, rng: jax.Array):
+        images_BxHxW, labels_B = batch
+
+        def loss_fn(params):
+            logits_BxC, new_model_state = forward(
+                params, state.model_state, images_BxHxW, train=True, dropout_key=rng
+            )
+            targets_BxC = optax.smooth_labels(
+                jax.nn.one_hot(labels_B, num_classes), config.label_smoothing
+            )
+            loss = optax.softmax_cross_entropy(logits_BxC, targets_BxC).mean()
+            return loss, (logits_BxC, new_model_state)
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (logits_BxC, new_model_state)), grads = grad_fn(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        correct = jnp.sum(jnp.argmax(logits_BxC, -1) == labels_B)
+        new_state = TrainState(state.step + 1, params, new_model_state, opt_state)
+        return new_state, {"loss": loss, "correct": correct}
+
+    def eval_step(state: TrainState, batch, mask_B: jax.Array):
+        images_BxHxW, labels_B = batch
+        logits_BxC, _ = forward(state.params, state.model_state, images_BxHxW, train=False)
+        losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B)
+        sums = EvalSums(
+            loss_sum=jnp.sum(jnp.where(mask_B, losses_B, 0.0)),
+            count=jnp.sum(mask_B, dtype=jnp.int32),
+            confusion=metrics.confusion_matrix(
+                labels_B, jnp.argmax(logits_BxC, -1), num_classes, mask_B
+            ),
+        )
+        return sums, jax.nn.softmax(logits_BxC)
+
+    return Steps(graphdef, schedule, optimizer, state, train_step, eval_step)
+
+
+def epoch_permutation(seed: int, epoch: int, num_examples: int) -> jax.Array:
+    """The order of epoch `epoch`: a function of (seed, epoch) only, so a resumed run replays it."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), PERMUTATION_STREAM), epoch)
+    return jax.random.permutation(key, num_examples).astype(jnp.int32)
+
+
+def step_key(seed: int, step: jax.Array) -> jax.Array:
+    """Per-step randomness (dropout) from (seed, step)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), STEP_STREAM), step)
+
+
+def make_train_chunk(steps: Steps, config: Config, steps_per_call: int) -> Callable[..., Any]:
+    """K train steps in one compiled call, batches gathered on the device.
+
+    Arguments: (state, sums, images_NxHxW, labels_N, permutation_N, first_index). The state and
+    sums are donated. K = 1 runs at top level; K > 1 runs under `lax.scan` (on XLA:CPU a scanned
+    convolution gradient is much slower, on GPU/TPU the per-call dispatch is what costs).
+    """
+    batch_size = config.batch_size
+
+    def chunk(state, sums, images_NxHxW, labels_N, permutation_N, first_index):
+        def one(carry, index):
+            state, sums = carry
+            rows_B = jax.lax.dynamic_slice_in_dim(permutation_N, index * batch_size, batch_size)
+            batch = (images_NxHxW[rows_B], labels_N[rows_B])
+            state_next, out = steps.train_step(state, batch, step_key(config.seed, state.step))
+            bad = ~jnp.isfinite(out["loss"])
+            sums = TrainSums(
+                loss_sum=sums.loss_sum + out["loss"] * batch_size,
+                correct=sums.correct + out["correct"],
+                count=sums.count + batch_size,
+                first_bad_step=jnp.where(
+                    (sums.first_bad_step < 0) & bad, state_next.step, sums.first_bad_step
+                ),
+            )
+            return (state_next, sums), None
+
+        if steps_per_call == 1:
+            (state, sums), _ = one((state, sums), first_index)
+        else:
+            indices = first_index + jnp.arange(steps_per_call, dtype=jnp.int32)
+            (state, sums), _ = jax.lax.scan(one, (state, sums), indices)
+        return state, sums
+
+    chunk.__name__ = f"train_chunk_{steps_per_call}"
+    return jax.jit(chunk, donate_argnums=(0, 1))
+
+
+class EvalData(NamedTuple):
+    """A split padded to whole eval batches, on the device: no image is dropped."""
+
+    images_KxBxHxW: jax.Array
+    labels_KxB: jax.Array
+    mask_KxB: jax.Array
+    num_examples: int
+
+
+def eval_data(images_NxHxW: Any, labels_N: Any, batch_size: int) -> EvalData:
+    """Pads to a multiple of `batch_size` (padding masked out) and moves to the device once."""
+    n = len(labels_N)
+    batches = -(-n // batch_size)
+    pad = batches * batch_size - n
+    images = jnp.pad(jnp.asarray(images_NxHxW), ((0, pad), (0, 0), (0, 0)))
+    labels = jnp.pad(jnp.asarray(labels_N, jnp.int32), (0, pad))
+    mask = jnp.arange(batches * batch_size) < n
+    shape = (batches, batch_size)
+    return EvalData(
+        images.reshape(shape + images.shape[1:]), labels.reshape(shape), mask.reshape(shape), n
+    )
+
+
+def make_evaluate(
+    steps: Steps, state: TrainState, data: EvalData
+) -> Callable[[TrainState, EvalData], tuple[EvalSums, jax.Array]]:
+    """Evaluation of a whole split (compiled now, for `state`'s and `data`'s shapes): counts
+    summed over the batches, probabilities stacked."""
+    first = (data.images_KxBxHxW[0], data.labels_KxB[0])
+    eval_step = jax.jit(steps.eval_step).lower(state, first, data.mask_KxB[0]).compile()
+
+    def evaluate(state: TrainState, data: EvalData) -> tuple[EvalSums, jax.Array]:
+        total, probs = None, []
+        for k in range(data.images_KxBxHxW.shape[0]):
+            batch = (data.images_KxBxHxW[k], data.labels_KxB[k])
+            sums, probs_BxC = eval_step(state, batch, data.mask_KxB[k])
+            total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+            probs.append(probs_BxC)
+        return total, jnp.concatenate(probs)[: data.num_examples]
+
+    return evaluate

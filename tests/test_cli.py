@@ -1,0 +1,110 @@
+"""The command line: fast start, one-line errors with exit code 2, and a real training run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_help_starts_fast_without_heavy_imports():
+    code = (
+        "import sys, time; t = time.perf_counter(); import cli; "
+        "heavy = [m for m in ('jax', 'flax', 'optax', 'orbax', 'wandb', 'tensorflow', "
+        "'matplotlib') if m in sys.modules]; print(heavy)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
+    for args in (["--help"], ["train", "--help"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "cli", *args], cwd=REPO, capture_output=True, text=True
+        )
+        assert result.returncode == 0 and "Usage" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lr", "-1"], "lr must be a positive number"),
+        (["--lr", "0"], "lr must be a positive number"),
+        (["--batch-size", "0"], "batch_size must be a positive integer"),
+        (["--epochs", "0"], "epochs must be a positive integer"),
+        (["--optimizer", "lion"], "unknown optimizer 'lion'"),
+        (["--schedule", "linear"], "unknown schedule 'linear'"),
+        (["--dataset", "svhn"], "unknown dataset 'svhn'"),
+        (["--wandb", "sometimes"], "unknown wandb mode"),
+        (["--conv-features", "a,b"], "conv_features must be integers"),
+        (["--config", "experiments/missing.toml"], "does not exist"),
+        (["--batch-size", "100000"], "larger than the 60000 training images"),
+    ],
+)
+def test_invalid_train_flags_get_one_line_and_exit_code_2(args, message, mnist_dir, tmp_path):
+    result = invoke("train", "--data-dir", str(mnist_dir), "--runs-dir", str(tmp_path), *args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert "Traceback" not in result.output
+    assert not list(tmp_path.iterdir()), "a rejected run must not leave a directory behind"
+
+
+def test_unknown_key_in_a_config_file(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text("lr = 0.1\nlearning_rate = 0.2\n")
+    result = invoke("train", "--config", str(path))
+    assert result.exit_code == 2 and "unknown config key 'learning_rate'" in result.output
+
+
+@pytest.mark.slow
+def test_sigterm_marks_the_run_interrupted_and_exits_130(tmp_path, mnist_dir):
+    """The real process: SIGTERM mid-training saves a checkpoint and exits 130."""
+    cmd = [
+        sys.executable, "-m", "cli", "train", "--data-dir", str(mnist_dir),
+        "--runs-dir", str(tmp_path), "--name", "term", "--train-examples", "512",
+        "--test-examples", "200", "--conv-features", "8", "--dense-features", "16",
+        "--batch-size", "32", "--epochs", "500", "--log-every", "2", "--wandb", "disabled",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics = tmp_path / "term" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out.decode()
+    summary = json.loads((tmp_path / "term" / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    last = tmp_path / "term" / "checkpoints" / "last"
+    assert [p.name for p in last.iterdir() if p.name.isdigit()] == [str(summary["step"])]
+
+
+@pytest.mark.slow
+def test_default_recipe_one_epoch_on_full_mnist(tmp_path, mnist_dir):
+    """The issue's acceptance run: the default recipe, one epoch, at least 98.5%."""
+    env = dict(os.environ, WANDB_MODE="disabled")
+    result = subprocess.run(
+        [sys.executable, "-m", "cli", "train", "--data-dir", str(mnist_dir), "--epochs", "1",
+         "--runs-dir", str(tmp_path), "--name", "default"],
+        cwd=REPO, capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((tmp_path / "default" / "summary.json").read_text())
+    assert summary["test/accuracy"] >= 0.985
+    assert sum(map(sum, summary["test/confusion_matrix"])) == 10_000

@@ -1,0 +1,84 @@
+"""Config: precedence defaults < experiment file < flags, and validation messages."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from mnist_jax.config import Config, build_config, config_from
+from mnist_jax.errors import UserError
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def test_defaults_are_an_adam_family_recipe_on_the_classic_cnn():
+    config = Config()
+    assert config.optimizer in ("adam", "adamw")
+    assert config.conv_features == (32, 64) and config.dense_features == 256
+    assert config.dataset == "mnist" and config.batch_size == 128
+
+
+def test_flags_override_the_file_which_overrides_defaults(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text('optimizer = "sgd"\nlr = 0.2\nepochs = 4\nconv_features = [8, 16]\n')
+    config = config_from(path, {"lr": 0.05, "epochs": None})
+    assert config.optimizer == "sgd"  # from the file
+    assert config.lr == 0.05  # the flag wins
+    assert config.epochs == 4  # a flag not given does not override
+    assert config.conv_features == (8, 16)
+    assert config.batch_size == Config().batch_size  # default
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_experiment_loads(path):
+    assert isinstance(config_from(path, {}), Config)
+
+
+def test_the_baseline_is_the_classic_recipe():
+    config = config_from(EXPERIMENTS / "baseline.toml", {})
+    assert (config.optimizer, config.lr, config.momentum) == ("momentum", 0.1, 0.9)
+    assert (config.batch_size, config.epochs, config.schedule) == (128, 10, "constant")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"lr": -1.0}, "lr must be a positive number"),
+        ({"lr": float("nan")}, "lr must be a positive number"),
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"epochs": 0}, "epochs must be a positive integer"),
+        ({"optimizer": "rmsprop"}, "unknown optimizer 'rmsprop'; choose one of: adam"),
+        ({"schedule": "step"}, "unknown schedule"),
+        ({"dataset": "cifar10"}, "unknown dataset"),
+        ({"wandb": "maybe"}, "unknown wandb mode"),
+        ({"momentum": 1.5}, "momentum must be in [0, 1)"),
+        ({"dropout": 1.0}, "dropout must be in [0, 1)"),
+        ({"weight_decay": -1e-4}, "weight_decay must be >= 0"),
+        ({"conv_features": "32,x"}, "conv_features must be integers"),
+        ({"conv_features": [0]}, "conv_features must be positive"),
+        ({"batch_size": "big"}, "batch_size must be int"),
+        ({"name": "a/b"}, "name must be a plain directory name"),
+        ({"learning_rate": 0.1}, "unknown config key 'learning_rate'"),
+    ],
+)
+def test_invalid_values_are_rejected_with_a_clear_message(changes, message):
+    with pytest.raises(UserError, match=re.escape(message)) as e:
+        build_config(changes)
+    assert "\n" not in str(e.value)
+
+
+def test_a_missing_or_malformed_file_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        config_from(tmp_path / "nope.toml", {})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("lr = = 1\n")
+    with pytest.raises(UserError, match="not valid TOML"):
+        config_from(bad, {})
+
+
+def test_replace_revalidates():
+    with pytest.raises(UserError):
+        Config().replace(batch_size=-3)
+    assert Config().replace(lr=0.5).lr == 0.5

@@ -1,0 +1,127 @@
+"""`evaluate` and `predict` on a real (tiny) trained run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli import app
+from mnist_jax import data, images, train
+from mnist_jax.config import Config
+from mnist_jax.inference import evaluate_run, predict_files
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, mnist_dir):
+    runs = tmp_path_factory.mktemp("runs")
+    config = Config(
+        data_dir=str(mnist_dir),
+        train_examples=1024,
+        test_examples=300,
+        conv_features=(8, 16),
+        dense_features=32,
+        batch_size=64,
+        eval_batch_size=128,
+        epochs=2,
+        runs_dir=str(runs),
+        name="tiny",
+        wandb="disabled",
+    )
+    assert train.fit(config) == 0
+    return runs / "tiny"
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_dir):
+    return data.load_dataset("mnist", mnist_dir)
+
+
+def best_epoch_event(run_dir) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return next(e for e in events if e["step"] == summary["best/step"] and "test/accuracy" in e)
+
+
+def test_evaluate_reproduces_the_best_epochs_metrics(run_dir):
+    result = evaluate_run(run_dir)
+    assert result["checkpoint"] == "best"
+    saved = json.loads((run_dir / "eval.json").read_text())
+    assert saved == result
+    expected = best_epoch_event(run_dir)
+    for key, value in expected.items():
+        if key.startswith("test/"):
+            assert result[key] == pytest.approx(value, abs=1e-6), key
+    confusion = np.array(result["test/confusion_matrix"])
+    assert confusion.sum() == 300
+    assert result["test/accuracy"] == pytest.approx(np.trace(confusion) / 300)
+
+
+def test_evaluate_the_train_split_counts_every_training_image(run_dir):
+    result = evaluate_run(run_dir, split="train")
+    assert sum(map(sum, result["train/confusion_matrix"])) == 1024
+    assert sum(result[f"train/support/{c}"] for c in range(10)) == 1024
+
+
+def test_evaluate_cli_prints_the_table_and_rejects_bad_input(run_dir, tmp_path):
+    result = runner.invoke(app, ["evaluate", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert "precision" in result.output and "confusion matrix" in result.output
+    bad = runner.invoke(app, ["evaluate", str(tmp_path)])
+    assert bad.exit_code == 2 and "not a run directory" in bad.output
+    assert "Traceback" not in bad.output
+    split = runner.invoke(app, ["evaluate", str(run_dir), "--split", "val"])
+    assert split.exit_code == 2 and "unknown split 'val'" in split.output
+
+
+def test_predict_matches_the_models_output_on_test_digits(run_dir, mnist, tmp_path):
+    predictions = np.load(run_dir / "predictions.npz")
+    paths = []
+    for i in range(5):
+        path = tmp_path / f"digit{i}.png"
+        Image.fromarray(mnist.test.images[i]).save(path)
+        paths.append(path)
+    results = predict_files(run_dir, paths)
+    best_is_last = json.loads((run_dir / "summary.json").read_text())["best/step"] == 32
+    for i, r in enumerate(results):
+        assert r.error is None and len(r.top) == 3
+        probs = [p for _, p in r.top]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+        if best_is_last:  # predictions.npz holds the final model's outputs
+            assert r.label == str(predictions["probs"][i].argmax())
+            assert probs[0] == pytest.approx(predictions["probs"][i].max(), abs=1e-5)
+
+
+def test_predict_reports_a_bad_file_and_classifies_the_others(run_dir, mnist, tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(mnist.test.images[0]).save(good)
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    result = runner.invoke(app, ["predict", str(run_dir), str(bad), str(good), "--json"])
+    assert result.exit_code == 1
+    assert f"error: {bad}: not a readable image" in result.output
+    payload = json.loads(result.stdout[: result.stdout.rindex("]") + 1])
+    assert [p["path"] for p in payload] == [str(bad), str(good)]
+    assert payload[1]["label"] in [str(d) for d in range(10)] and payload[0]["error"]
+
+
+def test_a_large_dark_on_light_scan_is_converted_like_mnist(mnist, tmp_path):
+    digit = mnist.test.images[0]
+    scan = np.kron(255 - digit, np.ones((10, 10), np.uint8))  # 280x280, dark ink on paper
+    rgb = np.stack([scan] * 3, axis=-1)
+    path = tmp_path / "scan.jpg"
+    Image.fromarray(rgb).save(path, quality=95)
+    converted = images.load_digit(path, invert=True)
+    assert converted.shape == (28, 28) and converted.dtype == np.uint8
+    correlation = np.corrcoef(converted.ravel().astype(float), digit.ravel().astype(float))[0, 1]
+    assert correlation > 0.8
+    # The centre of mass sits at the centre of the field, as in MNIST.
+    rows, cols = np.indices(converted.shape)
+    mass = converted.astype(float)
+    assert abs((rows * mass).sum() / mass.sum() - 14) < 1.0
+    assert abs((cols * mass).sum() / mass.sum() - 14) < 1.0

@@ -1,0 +1,293 @@
+"""Training: the pure steps, the loop, the run record, determinism, interrupt and resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mnist_jax import data, steps, train
+from mnist_jax.checkpoint import Checkpoints
+from mnist_jax.config import Config
+from mnist_jax.progress import Progress
+
+# Loss of the default model (seed 0) on the first 128 training images, before and after one
+# Adam step: a change here means the model, its initialisation or the optimizer changed.
+GOLDEN_LOSS_STEP_1 = 2.294262170791626
+GOLDEN_LOSS_STEP_2 = 2.2234930992126465
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_dir) -> data.Dataset:
+    return data.load_dataset("mnist", mnist_dir)
+
+
+@pytest.fixture
+def tiny(tmp_path, mnist_dir) -> Config:
+    """A few hundred real images and a narrow model: a whole run takes seconds."""
+    return Config(
+        data_dir=str(mnist_dir),
+        train_examples=512,
+        test_examples=300,
+        conv_features=(8, 16),
+        dense_features=32,
+        batch_size=64,
+        eval_batch_size=128,
+        epochs=2,
+        log_every=3,
+        runs_dir=str(tmp_path / "runs"),
+        wandb="disabled",
+    )
+
+
+def run_summary(config: Config) -> dict:
+    return json.loads((config_run_dir(config) / "summary.json").read_text())
+
+
+def config_run_dir(config: Config):
+    from pathlib import Path
+
+    return Path(config.runs_dir) / config.name
+
+
+def first_batch(dataset: data.Dataset, n: int = 128):
+    return jnp.asarray(dataset.train.images[:n]), jnp.asarray(dataset.train.labels[:n])
+
+
+def test_one_step_lowers_the_loss_and_matches_golden_values(mnist):
+    built = steps.build(Config(), mnist.num_classes, total_steps=100)
+    step = jax.jit(built.train_step)
+    batch = first_batch(mnist)
+    state, out1 = step(built.init_state, batch, steps.step_key(0, 0))
+    _, out2 = step(state, batch, steps.step_key(0, 1))
+    assert float(out2["loss"]) < float(out1["loss"])
+    assert float(out1["loss"]) == pytest.approx(GOLDEN_LOSS_STEP_1, abs=1e-5)
+    assert float(out2["loss"]) == pytest.approx(GOLDEN_LOSS_STEP_2, abs=1e-5)
+    assert int(state.step) == 1
+
+
+def test_jitted_step_equals_eager_step(mnist):
+    built = steps.build(Config(conv_features=(4,), dense_features=8), 10, total_steps=10)
+    batch = first_batch(mnist, 32)
+    key = steps.step_key(0, 0)
+    eager_state, eager = built.train_step(built.init_state, batch, key)
+    jit_state, jitted = jax.jit(built.train_step)(built.init_state, batch, key)
+    np.testing.assert_allclose(eager["loss"], jitted["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(eager_state), jax.tree.leaves(jit_state), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_scanned_chunk_equals_single_steps(mnist):
+    """K steps under lax.scan reach the same state as K separate calls."""
+    config = Config(conv_features=(4,), dense_features=8, batch_size=32)
+    built = steps.build(config, 10, total_steps=8)
+    images, labels = jnp.asarray(mnist.train.images[:256]), jnp.asarray(mnist.train.labels[:256])
+    permutation = steps.epoch_permutation(0, 0, 256)
+    one = steps.make_train_chunk(built, config, 1)
+    four = steps.make_train_chunk(built, config, 4)
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731 - inputs are donated
+    state_a, sums_a = copy(built.init_state), steps.TrainSums.zeros()
+    for i in range(4):
+        state_a, sums_a = one(state_a, sums_a, images, labels, permutation, jnp.int32(i))
+    state_b, sums_b = four(
+        copy(built.init_state), steps.TrainSums.zeros(), images, labels, permutation, jnp.int32(0)
+    )
+    np.testing.assert_allclose(sums_a.loss_sum, sums_b.loss_sum, rtol=1e-5)
+    assert int(sums_a.correct) == int(sums_b.correct) and int(sums_b.count) == 128
+    for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_eval_counts_every_image_with_a_padded_last_batch(mnist):
+    config = Config(conv_features=(4,), dense_features=8)
+    built = steps.build(config, 10, total_steps=1)
+    n = 997  # not a multiple of the eval batch: the last batch is padded and masked
+    split = steps.eval_data(mnist.test.images[:n], mnist.test.labels[:n], batch_size=100)
+    assert split.images_KxBxHxW.shape[:2] == (10, 100)
+    evaluate = steps.make_evaluate(built, built.init_state, split)
+    sums, probs = evaluate(built.init_state, split)
+    assert int(sums.count) == n and int(sums.confusion.sum()) == n
+    predictions = np.asarray(probs).argmax(-1)
+    assert probs.shape == (n, 10)
+    expected = np.zeros((10, 10), np.int64)
+    np.add.at(expected, (mnist.test.labels[:n], predictions), 1)
+    np.testing.assert_array_equal(np.asarray(sums.confusion), expected)
+    logp = np.log(np.asarray(probs, np.float64))
+    expected_loss = -logp[np.arange(n), mnist.test.labels[:n]].sum()
+    assert float(sums.loss_sum) == pytest.approx(expected_loss, rel=1e-4)
+
+
+def test_fit_writes_the_run_record(tiny):
+    config = tiny.replace(name="record")
+    assert train.fit(config) == 0
+    run = config_run_dir(config)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["config"]["lr"] == config.lr and saved["config"]["name"] == "record"
+    assert saved["environment"]["backend"] == "cpu" and saved["environment"]["device_count"] >= 1
+    for key in ("jax", "flax", "optax", "device_kind", "git_commit"):
+        assert key in saved["environment"]
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epoch_events = [e for e in events if "test/accuracy" in e]
+    assert [e["epoch"] for e in epoch_events] == [1, 2]
+    train_events = [e for e in events if "test/accuracy" not in e]
+    assert all({"step", "epoch", "train/loss", "train/lr"} <= e.keys() for e in train_events)
+    summary = run_summary(config)
+    assert summary["status"] == "completed"
+    for key in (
+        "test/accuracy",
+        "test/loss",
+        "train/loss",
+        "train/examples_per_sec",
+        "time/compile_seconds",
+        "time/train_seconds",
+        "time/total_seconds",
+        "test/precision_macro",
+        "test/recall_macro",
+        "test/f1_macro",
+        "test/auroc_macro",
+        "test/precision/3",
+    ):
+        assert summary[key] is not None, key
+    confusion = np.array(summary["test/confusion_matrix"])
+    assert confusion.shape == (10, 10) and confusion.sum() == 300
+    assert summary["test/accuracy"] == pytest.approx(np.trace(confusion) / 300)
+    assert summary["test/accuracy"] == epoch_events[-1]["test/accuracy"]
+    predictions = np.load(run / "predictions.npz")
+    assert predictions["probs"].shape == (300, 10)
+    assert (predictions["probs"].argmax(-1) == predictions["labels"]).mean() == pytest.approx(
+        summary["test/accuracy"]
+    )
+    checkpoints = Checkpoints(run / "checkpoints")
+    assert checkpoints.latest_step("last") == 16
+    assert checkpoints.latest_step("best") == summary["best/step"]
+
+
+def test_the_train_step_compiles_once_across_epochs(tiny, caplog):
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        assert train.fit(tiny.replace(name="compiles")) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    compiled = [m for m in messages if m.startswith("Compiling jit(train_chunk")]
+    assert len(compiled) == 1, compiled
+
+
+def test_same_seed_gives_the_same_metrics_bit_for_bit(tiny):
+    a, b = tiny.replace(name="a"), tiny.replace(name="b")
+    assert train.fit(a) == 0 and train.fit(b) == 0
+    sa, sb = run_summary(a), run_summary(b)
+    metric_keys = [k for k in sa if k.startswith(("test/", "train/loss", "train/accuracy"))]
+    assert metric_keys
+    assert {k: sa[k] for k in metric_keys} == {k: sb[k] for k in metric_keys}
+    other = tiny.replace(name="c", seed=1)
+    assert train.fit(other) == 0
+    assert run_summary(other)["train/loss"] != sa["train/loss"]
+
+
+def test_interrupt_then_resume_equals_an_uninterrupted_run(tiny, monkeypatch):
+    straight = tiny.replace(name="straight")
+    assert train.fit(straight) == 0
+
+    advance = Progress.advance
+
+    def interrupt_at_step_5(self, step):
+        advance(self, step)
+        if step == 5:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(Progress, "advance", interrupt_at_step_5)
+    cut = tiny.replace(name="cut")
+    assert train.fit(cut) == train.EXIT_INTERRUPTED
+    summary = run_summary(cut)
+    assert summary["status"] == "interrupted" and summary["step"] == 5
+    monkeypatch.setattr(Progress, "advance", advance)
+
+    assert train.resume(config_run_dir(cut), {}) == 0
+    resumed, expected = run_summary(cut), run_summary(straight)
+    assert resumed["status"] == "completed"
+    keys = [k for k in expected if k.startswith(("test/", "train/loss", "train/accuracy"))]
+    assert {k: resumed[k] for k in keys} == {k: expected[k] for k in keys}
+    lines = (config_run_dir(cut) / "metrics.jsonl").read_text().splitlines()
+    steps_logged = [json.loads(line)["step"] for line in lines]
+    assert steps_logged == sorted(steps_logged), "a resumed run must not log a step twice"
+
+
+def test_a_non_finite_loss_fails_the_run_and_keeps_the_last_good_checkpoint(tiny, monkeypatch):
+    end_epoch = train._Loop.end_epoch
+
+    def diverge_after_first_epoch(self):
+        end_epoch(self)
+        params = jax.tree.map(lambda x: x * jnp.nan, self.state.params)
+        self.state = self.state._replace(params=params)
+
+    monkeypatch.setattr(train._Loop, "end_epoch", diverge_after_first_epoch)
+    config = tiny.replace(name="nan")
+    assert train.fit(config) == train.EXIT_FAILED
+    summary = run_summary(config)
+    assert summary["status"] == "failed"
+    assert "non-finite at step 9" in summary["message"] and "--lr" in summary["message"]
+    checkpoints = Checkpoints(config_run_dir(config) / "checkpoints")
+    assert checkpoints.latest_step("last") == 8  # the end of epoch 1, before the divergence
+    built = steps.build(config, 10, total_steps=16)
+    template = {"state": built.init_state, "epoch_sums": steps.TrainSums.zeros()}
+    restored, meta = checkpoints.restore("last", template)
+    assert meta["step"] == 8
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored["state"]))
+
+
+def test_resume_refuses_a_completed_run_and_changed_hyperparameters(tiny):
+    from mnist_jax.errors import UserError
+
+    config = tiny.replace(name="done", epochs=1)
+    assert train.fit(config) == 0
+    with pytest.raises(UserError, match="already completed"):
+        train.resume(config_run_dir(config), {})
+    with pytest.raises(UserError, match="drop lr"):
+        train.resume(config_run_dir(config), {"lr": 0.1})
+
+
+def test_a_run_directory_is_never_overwritten(tiny):
+    from mnist_jax.errors import UserError
+
+    config = tiny.replace(name="once", epochs=1)
+    assert train.fit(config) == 0
+    before = (config_run_dir(config) / "summary.json").read_text()
+    with pytest.raises(UserError, match="already exists"):
+        train.fit(config)
+    assert (config_run_dir(config) / "summary.json").read_text() == before
+
+
+def test_checkpoint_round_trip_restores_every_array(tmp_path, mnist):
+    built = steps.build(Config(conv_features=(4,), dense_features=8, norm="batch"), 10, 10)
+    state, _ = jax.jit(built.train_step)(
+        built.init_state, first_batch(mnist, 16), steps.step_key(0, 0)
+    )
+    checkpoints = Checkpoints(tmp_path)
+    payload = {"state": state, "epoch_sums": steps.TrainSums.zeros()}
+    checkpoints.save("last", 1, payload, {"step": 1})
+    restored, meta = checkpoints.restore(
+        "last", {"state": built.init_state, "epoch_sums": steps.TrainSums.zeros()}
+    )
+    assert meta == {"step": 1}
+    for a, b in zip(jax.tree.leaves(payload), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"optimizer": "sgd", "lr": 0.2, "schedule": "constant"},
+        {"optimizer": "momentum", "lr": 0.05, "schedule": "cosine", "weight_decay": 1e-4},
+        {"optimizer": "adamw", "weight_decay": 1e-2, "grad_clip": 1.0, "label_smoothing": 0.1},
+        {"norm": "batch", "dropout": 0.3},
+        {"norm": "layer", "schedule": "constant", "warmup_steps": 4},
+    ],
+)
+def test_every_optimizer_schedule_and_model_option_trains(tiny, changes):
+    config = tiny.replace(name="options", **changes)
+    assert train.fit(config) == 0
+    summary = run_summary(config)
+    assert summary["test/accuracy"] > 0.3  # far above the 0.1 of guessing, after 16 steps
