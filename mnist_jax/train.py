@@ -172,23 +172,14 @@ def _run(
     )
     loop.mirror = mirror
     record.update_summary(status="running", message=None, **mirror.info)
-    loop.compile()
-
-    status, message = "completed", None
-    with Progress(loop.total_steps, loop.steps_per_epoch) as progress, _stop_on_signals() as stop:
-        loop.progress = progress
-        progress.start_at(loop.position.step)
-        try:
-            while loop.position.step < loop.total_steps:
-                loop.train_epoch(stop)
-                loop.end_epoch()
-                if stop():
-                    raise Stop("interrupted", f"stopped by a signal at step {loop.position.step}")
-        except Stop as e:
-            status, message = e.status, str(e)
-            if status == "interrupted":
-                loop.save("last")
-            progress.message(f"{status}: {message}")
+    try:
+        status, message = _train(loop)
+    except BaseException as e:
+        # Not a planned stop: the record says so before the error goes on up.
+        record.update_summary(status="failed", message=f"{type(e).__name__}: {e}")
+        mirror.finish(record.summary, "failed")
+        loop.checkpoints.close()
+        raise
 
     record.update_summary(
         status=status,
@@ -207,6 +198,26 @@ def _run(
     loop.checkpoints.close()
     print(f"{status}: {record.dir}", flush=True)
     return {"completed": EXIT_OK, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_FAILED)
+
+
+def _train(loop: _Loop) -> tuple[str, str | None]:
+    """Compiles, then trains epoch by epoch; returns (status, message)."""
+    loop.compile()
+    with Progress(loop.total_steps, loop.steps_per_epoch) as progress, _stop_on_signals() as stop:
+        loop.progress = progress
+        progress.start_at(loop.position.step)
+        try:
+            while loop.position.step < loop.total_steps:
+                loop.train_epoch(stop)
+                loop.end_epoch()
+                if stop():
+                    raise Stop("interrupted", f"stopped by a signal at step {loop.position.step}")
+        except Stop as e:
+            if e.status == "interrupted":
+                loop.save("last")
+            progress.message(f"{e.status}: {e}")
+            return e.status, str(e)
+    return "completed", None
 
 
 class _Loop:

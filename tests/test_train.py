@@ -291,3 +291,15 @@ def test_every_optimizer_schedule_and_model_option_trains(tiny, changes):
     assert train.fit(config) == 0
     summary = run_summary(config)
     assert summary["test/accuracy"] > 0.3  # far above the 0.1 of guessing, after 16 steps
+
+
+def test_an_unexpected_error_is_recorded_before_it_propagates(tiny, monkeypatch):
+    def broken(self):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(train._Loop, "end_epoch", broken)
+    config = tiny.replace(name="broken", epochs=1)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        train.fit(config)
+    summary = run_summary(config)
+    assert summary["status"] == "failed" and "disk on fire" in summary["message"]
