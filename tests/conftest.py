@@ -18,3 +18,27 @@ def mnist_dir() -> Path:
     if not (path / "train-images-idx3-ubyte.gz").is_file():
         pytest.fail(f"real MNIST not found in {path}; set MNIST_JAX_DATA_DIR")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_config(mnist_dir):
+    """A factory for a run that trains in seconds: a few hundred real images, a narrow CNN."""
+    from mnist_jax.config import Config
+
+    def make(runs_dir: Path, **changes) -> Config:
+        settings = dict(
+            data_dir=str(mnist_dir),
+            train_examples=512,
+            test_examples=300,
+            conv_features=(8, 16),
+            dense_features=32,
+            batch_size=64,
+            eval_batch_size=128,  # 300 is not a multiple: the last batch is padded
+            epochs=2,
+            log_every=3,
+            runs_dir=str(runs_dir),
+            wandb="disabled",
+        )
+        return Config(**{**settings, **changes})
+
+    return make

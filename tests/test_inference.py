@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,30 +12,16 @@ from typer.testing import CliRunner
 
 from cli import app
 from mnist_jax import data, images, train
-from mnist_jax.config import Config
 from mnist_jax.inference import evaluate_run, predict_files
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, mnist_dir):
-    runs = tmp_path_factory.mktemp("runs")
-    config = Config(
-        data_dir=str(mnist_dir),
-        train_examples=1024,
-        test_examples=300,
-        conv_features=(8, 16),
-        dense_features=32,
-        batch_size=64,
-        eval_batch_size=128,
-        epochs=2,
-        runs_dir=str(runs),
-        name="tiny",
-        wandb="disabled",
-    )
+def run_dir(tiny_config, tmp_path_factory):
+    config = tiny_config(tmp_path_factory.mktemp("runs"), train_examples=1024, name="tiny")
     assert train.fit(config) == 0
-    return runs / "tiny"
+    return Path(config.runs_dir) / "tiny"
 
 
 @pytest.fixture(scope="module")

@@ -28,21 +28,8 @@ def mnist(mnist_dir) -> data.Dataset:
 
 
 @pytest.fixture
-def tiny(tmp_path, mnist_dir) -> Config:
-    """A few hundred real images and a narrow model: a whole run takes seconds."""
-    return Config(
-        data_dir=str(mnist_dir),
-        train_examples=512,
-        test_examples=300,
-        conv_features=(8, 16),
-        dense_features=32,
-        batch_size=64,
-        eval_batch_size=128,
-        epochs=2,
-        log_every=3,
-        runs_dir=str(tmp_path / "runs"),
-        wandb="disabled",
-    )
+def tiny(tiny_config, tmp_path) -> Config:
+    return tiny_config(tmp_path / "runs")
 
 
 def run_summary(config: Config) -> dict:

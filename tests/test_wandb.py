@@ -704,25 +704,12 @@ def test_sweep_trials_parse_as_train_flags(monkeypatch):
 
 
 @pytest.mark.slow
-def test_training_run_is_mirrored_exactly(tmp_path, mnist_dir, clean_wandb_env, monkeypatch):
+def test_training_run_is_mirrored_exactly(tmp_path, tiny_config, clean_wandb_env, monkeypatch):
     from mnist_jax import train
     from mnist_jax.tracking import RunRecord
 
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)  # present, but the run is offline
-    config = Config(
-        data_dir=str(mnist_dir),
-        train_examples=512,
-        test_examples=300,
-        conv_features=(8, 16),
-        dense_features=32,
-        batch_size=64,
-        eval_batch_size=128,
-        epochs=2,
-        log_every=3,
-        runs_dir=str(tmp_path / "runs"),
-        name="mirrored",
-        wandb="offline",
-    )
+    config = tiny_config(tmp_path / "runs", name="mirrored", wandb="offline")
     assert train.fit(config) == 0
     record = RunRecord.open(tmp_path / "runs" / "mirrored")
     events, summary = record.read_events(), record.summary
