@@ -174,6 +174,12 @@ def _run(
     record.update_summary(status="running", message=None, **mirror.info)
     try:
         status, message = _train(loop)
+    except KeyboardInterrupt:
+        # Ctrl-C before the training loop took over the signal (while compiling).
+        record.update_summary(status="interrupted", message="stopped before training started")
+        mirror.finish(record.summary, "interrupted")
+        loop.checkpoints.close()
+        return EXIT_INTERRUPTED
     except BaseException as e:
         # Not a planned stop: the record says so before the error goes on up.
         record.update_summary(status="failed", message=f"{type(e).__name__}: {e}")
@@ -416,6 +422,8 @@ class _Loop:
         self.mirror.log_checkpoint(best, metadata)
 
     def save(self, kind: str) -> None:
+        if self.checkpoints.latest_step(kind) == self.position.step:
+            return  # e.g. a signal right at an epoch end, whose checkpoint is already written
         meta = {
             "step": self.position.step,
             "best_accuracy": self.position.best_accuracy,

@@ -174,22 +174,23 @@ def test_same_seed_gives_the_same_metrics_bit_for_bit(tiny):
     assert run_summary(other)["train/loss"] != sa["train/loss"]
 
 
-def test_interrupt_then_resume_equals_an_uninterrupted_run(tiny, monkeypatch):
+@pytest.mark.parametrize("at_step", [5, 8], ids=["mid-epoch", "epoch-end"])
+def test_interrupt_then_resume_equals_an_uninterrupted_run(tiny, monkeypatch, at_step):
     straight = tiny.replace(name="straight")
     assert train.fit(straight) == 0
 
     advance = Progress.advance
 
-    def interrupt_at_step_5(self, step):
+    def interrupt(self, step):
         advance(self, step)
-        if step == 5:
+        if step == at_step:
             signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(Progress, "advance", interrupt_at_step_5)
+    monkeypatch.setattr(Progress, "advance", interrupt)
     cut = tiny.replace(name="cut")
     assert train.fit(cut) == train.EXIT_INTERRUPTED
     summary = run_summary(cut)
-    assert summary["status"] == "interrupted" and summary["step"] == 5
+    assert summary["status"] == "interrupted" and summary["step"] == at_step
     monkeypatch.setattr(Progress, "advance", advance)
 
     assert train.resume(config_run_dir(cut), {}) == 0
