@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import math
 import os
+import re
 import secrets
 import tempfile
 from collections.abc import Mapping
@@ -37,12 +38,21 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(_finite(payload), f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(dumps(payload) + "\n")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+_NUMBER_LIST = re.compile(r"\[\s+((?:-?[\d.eE+-]+|null)(?:,\s+(?:-?[\d.eE+-]+|null))*)\s+\]")
+
+
+def dumps(payload: Any) -> str:
+    """Indented, sorted JSON with lists of numbers kept on one line (a confusion matrix reads
+    as a matrix); non-finite floats become null."""
+    text = json.dumps(_finite(payload), indent=2, sort_keys=True)
+    return _NUMBER_LIST.sub(lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
 
 
 def read_json(path: Path) -> Any:

@@ -1,0 +1,66 @@
+"""The local run record: atomic JSON, the event log, and its repair on resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mnist_jax.errors import UserError
+from mnist_jax.tracking import RunRecord, dumps, read_json, write_json_atomic
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+def finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
+
+
+@given(json_values)
+def test_dumps_round_trips_and_writes_non_finite_floats_as_null(value):
+    assert json.loads(dumps(value)) == finite(value)
+
+
+def test_a_confusion_matrix_is_written_one_row_per_line(tmp_path):
+    path = tmp_path / "summary.json"
+    write_json_atomic(path, {"test/confusion_matrix": [[5, 0], [1, 4]]})
+    assert "[5, 0]" in path.read_text() and "[1, 4]" in path.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temp file left
+
+
+def test_events_survive_a_line_cut_short_and_are_truncated_for_resume(tmp_path):
+    record = RunRecord.create(tmp_path, "run", {"lr": 0.1}, {"jax": "x"})
+    for step in (1, 2, 3):
+        record.log({"step": step, "train/loss": 1.0 / step})
+    with record.metrics_path.open("a") as f:
+        f.write('{"step": 4, "train/lo')  # a crash mid-write
+    assert [e["step"] for e in record.read_events()] == [1, 2, 3]
+    record.truncate_events(after_step=2)
+    assert [e["step"] for e in record.read_events()] == [1, 2]
+    reopened = RunRecord.open(tmp_path / "run")
+    assert reopened.summary == {"status": "running"}
+    assert reopened.read_config() == {"config": {"lr": 0.1}, "environment": {"jax": "x"}}
+
+
+def test_damaged_or_missing_files_are_one_line_errors(tmp_path):
+    with pytest.raises(UserError, match="not a run directory"):
+        RunRecord.open(tmp_path)
+    bad = tmp_path / "summary.json"
+    bad.write_text("{")
+    with pytest.raises(UserError, match="not valid JSON"):
+        read_json(bad)
