@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.exceptions import TyperException
 
 from mnist_jax.config import FIELD_HELP
 from mnist_jax.errors import UserError
@@ -317,9 +318,27 @@ def predict(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: every problem ends as one `error:` line and an exit code."""
+    import warnings
+
+    warnings.showwarning = _one_line_warning
+    try:
+        code = app(standalone_mode=False)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except TyperException as e:  # the command line itself could not be parsed
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        ctx = getattr(e, "ctx", None)
+        hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+        typer.echo(f"error: {message.rstrip('.')}{hint}", err=True)
+        sys.exit(getattr(e, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    typer.echo(f"warning: {message}", err=True)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -44,13 +44,18 @@ def _from_tree(template: Any, tree: Any) -> Any:
 class Checkpoints:
     """The run's checkpoints: save, find and restore the last and the best train state."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, read_only: bool = False) -> None:
+        """`read_only` (evaluate, predict) creates nothing and sees only kinds already saved."""
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, enable_async_checkpointing=False
+            max_to_keep=1,
+            create=not read_only,
+            read_only=read_only,
+            enable_async_checkpointing=False,
         )
+        kinds = [k for k in KINDS if not read_only or (self.directory / k).is_dir()]
         self._managers = {
-            kind: ocp.CheckpointManager(self.directory / kind, options=options) for kind in KINDS
+            kind: ocp.CheckpointManager(self.directory / kind, options=options) for kind in kinds
         }
 
     def save(self, kind: str, step: int, payload: Any, meta: dict[str, Any]) -> Path:
@@ -66,7 +71,8 @@ class Checkpoints:
         return self.directory / kind / str(step)
 
     def latest_step(self, kind: str) -> int | None:
-        return self._managers[kind].latest_step()
+        manager = self._managers.get(kind)
+        return None if manager is None else manager.latest_step()
 
     def restore(self, kind: str, template: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restores into the structure (and shapes) of `template`; returns (payload, meta)."""

@@ -26,6 +26,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
 SCHEDULES = ("constant", "cosine", "onecycle")
 NORMS = ("none", "batch", "layer")
 WANDB_MODES = ("online", "offline", "disabled")
+MAX_CONV_BLOCKS = 4  # 28 -> 14 -> 7 -> 3 -> 1 pixels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +194,13 @@ def _validate(c: Config) -> None:
             raise bad(f"{name} must be a positive integer, got {getattr(c, name)}")
     if not c.conv_features or any(f <= 0 for f in c.conv_features):
         raise bad(f"conv_features must be positive integers, got {list(c.conv_features)}")
+    if len(c.conv_features) > MAX_CONV_BLOCKS:
+        raise bad(
+            f"conv_features has {len(c.conv_features)} blocks; each halves the 28x28 image, "
+            f"so at most {MAX_CONV_BLOCKS} fit"
+        )
+    if not 0 <= c.seed < 2**32:
+        raise bad(f"seed must be in [0, 2**32), got {c.seed}")
     for name in ("train_examples", "test_examples"):
         if getattr(c, name) < 0:
             raise bad(f"{name} must be 0 (all) or positive, got {getattr(c, name)}")

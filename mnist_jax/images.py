@@ -26,11 +26,13 @@ def load_digit(path: str | Path, *, invert: bool = False) -> np.ndarray:
     try:
         with Image.open(path) as image:
             image.load()
-            grey = np.asarray(_flatten_alpha(image).convert("L"), np.uint8)
+            grey = np.asarray(_flatten_alpha(image, invert).convert("L"), np.uint8)
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable image ({type(e).__name__})") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not an image file") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
     if invert:
         grey = 255 - grey
     if grey.shape == (SIZE, SIZE):
@@ -38,13 +40,15 @@ def load_digit(path: str | Path, *, invert: bool = False) -> np.ndarray:
     return to_mnist_layout(grey)
 
 
-def _flatten_alpha(image):
-    """Transparent pixels become background: black, like MNIST's."""
+def _flatten_alpha(image, invert: bool):
+    """Transparent pixels become background: black, like MNIST's; white for dark ink
+    (`invert`), which then becomes black."""
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         from PIL import Image
 
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        colour = (255, 255, 255, 255) if invert else (0, 0, 0, 255)
+        background = Image.new("RGBA", rgba.size, colour)
         return Image.alpha_composite(background, rgba)
     return image
 

@@ -37,21 +37,33 @@ class Restored:
 
 
 def restore_run(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> Restored:
-    """The run's model with the weights of its best (else last) checkpoint."""
+    """The run's model with the weights of its best (else last) checkpoint; reads only."""
     record = RunRecord.open(run_dir)
     config = build_config(record.read_config()["config"], overrides or {})
     class_names = data_lib.CLASS_NAMES[config.dataset]
     built = steps.build(config, len(class_names), total_steps=1)
-    checkpoints = Checkpoints(record.checkpoints_dir)
-    try:
-        for kind in ("best", "last"):
-            step = checkpoints.latest_step(kind)
-            if step is not None:
-                template = {"state": built.init_state, "epoch_sums": steps.TrainSums.zeros()}
-                payload, _ = checkpoints.restore(kind, template, step)
+    template = {"state": built.init_state, "epoch_sums": steps.TrainSums.zeros()}
+    problems = []
+    if record.checkpoints_dir.is_dir():
+        checkpoints = Checkpoints(record.checkpoints_dir, read_only=True)
+        try:
+            for kind in ("best", "last"):
+                step = checkpoints.latest_step(kind)
+                if step is None:
+                    continue
+                try:
+                    payload, _ = checkpoints.restore(kind, template, step)
+                except Exception as e:  # damaged, or saved for another model shape
+                    problems.append(f"{kind}/{step}: {type(e).__name__}")
+                    continue
                 return Restored(config, built, payload["state"], step, kind, class_names)
-    finally:
-        checkpoints.close()
+        finally:
+            checkpoints.close()
+    if problems:
+        raise UserError(
+            f"run {run_dir}: no checkpoint could be restored ({'; '.join(problems)}); "
+            "it is damaged or does not match config.json"
+        )
     raise UserError(f"run {run_dir} has no checkpoint yet; train it (or --resume it) first")
 
 

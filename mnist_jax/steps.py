@@ -225,6 +225,7 @@ class EvalData(NamedTuple):
 def eval_data(images_NxHxW: Any, labels_N: Any, batch_size: int) -> EvalData:
     """Pads to a multiple of `batch_size` (padding masked out) and moves to the device once."""
     n = len(labels_N)
+    batch_size = max(1, min(batch_size, n))  # never pad a small split up to a large batch
     batches = -(-n // batch_size)
     pad = batches * batch_size - n
     images = jnp.pad(jnp.asarray(images_NxHxW), ((0, pad), (0, 0), (0, 0)))

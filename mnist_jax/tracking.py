@@ -6,6 +6,7 @@ flushed line: a run killed at any moment leaves readable files behind.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import math
@@ -13,7 +14,7 @@ import os
 import re
 import secrets
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 PREDICTIONS_FILE = "predictions.npz"
 CHECKPOINTS_DIR = "checkpoints"
+LOCK_FILE = ".lock"
 
 
 def default_run_name(dataset: str) -> str:
@@ -101,6 +103,10 @@ class RunRecord:
             raise UserError(f"{run_dir} is not a run directory: it has no {CONFIG_FILE}")
         if record.summary_path.is_file():
             record.summary = read_json(record.summary_path)
+            if not isinstance(record.summary, dict):
+                raise UserError(
+                    f"{record.summary_path} is not a JSON object; the record is damaged"
+                )
         return record
 
     @property
@@ -123,8 +129,32 @@ class RunRecord:
     def checkpoints_dir(self) -> Path:
         return self.dir / CHECKPOINTS_DIR
 
+    @contextlib.contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """Only one process writes a run at a time (a second `--resume` is refused)."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - no advisory locks on this platform
+            yield
+            return
+        with (self.dir / LOCK_FILE).open("a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(
+                    f"run {self.dir} is being written by another mnist-jax process; "
+                    "wait for it to finish or stop it first"
+                ) from None
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
     def read_config(self) -> dict[str, Any]:
-        return read_json(self.config_path)
+        saved = read_json(self.config_path)
+        if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+            raise UserError(f'{self.config_path} has no "config" object; the run record is damaged')
+        return saved
 
     def log(self, event: Mapping[str, Any]) -> None:
         """Appends one event to metrics.jsonl (flushed, so a crash loses at most this line)."""

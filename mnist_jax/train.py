@@ -15,7 +15,7 @@ import platform
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from mnist_jax.checkpoint import Checkpoints
 from mnist_jax.config import Config, build_config
 from mnist_jax.errors import UserError
 from mnist_jax.progress import Progress
-from mnist_jax.tracking import RunRecord, default_run_name
+from mnist_jax.tracking import RunRecord, default_run_name, write_json_atomic
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 RESUME_OVERRIDES = ("data_dir", "source", "wandb", "log_every")
@@ -69,6 +69,9 @@ class Stop(Exception):
 
 def fit(config: Config) -> int:
     """Trains `config` into a new run directory; returns the process exit code."""
+    from mnist_jax.wandb_mirror import resolve_mode
+
+    resolve_mode(config.wandb)  # a bad $WANDB_MODE is reported before anything is written
     dataset = load_data(config)
     environment = describe_environment()
     name = config.name or default_run_name(config.dataset)
@@ -93,6 +96,8 @@ def resume(run_dir: str | Path, flags: Mapping[str, Any]) -> int:
     saved = record.read_config()
     config = build_config(saved["config"], given)
     dataset = load_data(config)
+    if given:  # e.g. the data moved: evaluate and analyze should find it there too
+        write_json_atomic(record.config_path, {**saved, "config": config.to_dict()})
     return _run(config, dataset, record, saved.get("environment", {}), resume=True)
 
 
@@ -161,63 +166,50 @@ def _run(
     *,
     resume: bool,
 ) -> int:
-    from mnist_jax.wandb_mirror import start_mirror
+    from mnist_jax.wandb_mirror import Mirror, start_mirror
 
     t_start = time.perf_counter()
-    loop = _Loop(config, dataset, record)
-    if resume:
-        loop.restore()
-    mirror = start_mirror(
-        config, record.dir, dict(environment), resume_id=record.summary.get("wandb/run_id")
-    )
-    loop.mirror = mirror
-    record.update_summary(status="running", message=None, **mirror.info)
-    try:
-        status, message = _train(loop)
-    except KeyboardInterrupt:
-        # Ctrl-C before the training loop took over the signal (while compiling).
-        record.update_summary(status="interrupted", message="stopped before training started")
-        mirror.finish(record.summary, "interrupted")
-        loop.checkpoints.close()
-        return EXIT_INTERRUPTED
-    except BaseException as e:
-        # Not a planned stop: the record says so before the error goes on up.
-        record.update_summary(status="failed", message=f"{type(e).__name__}: {e}")
-        mirror.finish(record.summary, "failed")
-        loop.checkpoints.close()
-        raise
-
-    record.update_summary(
-        status=status,
-        message=message,
-        step=loop.position.step,
-        **{
-            "time/compile_seconds": loop.compile_seconds,
-            "time/train_seconds": loop.train_seconds,
-            "time/total_seconds": time.perf_counter() - t_start,
-            "train/examples_per_sec": loop.examples_per_sec(),
-        },
-    )
-    if status == "completed":
-        loop.finish()
+    mirror, loop = Mirror(), None
+    with record.writer_lock(), _stop_on_signals() as stop:
+        try:
+            loop = _Loop(config, dataset, record)
+            if resume:
+                loop.restore()
+            mirror = loop.mirror = start_mirror(
+                config, record.dir, dict(environment), resume_id=record.summary.get("wandb/run_id")
+            )
+            record.update_summary(status="running", message=None, **mirror.info)
+            status, message = _train(loop, stop)
+            if status == "completed":
+                loop.finish()
+            record.update_summary(
+                status=status, message=message, **loop.timings(time.perf_counter() - t_start)
+            )
+        except BaseException as e:
+            # Not a planned stop: the record says so before the error goes on up.
+            record.update_summary(status="failed", message=f"{type(e).__name__}: {e}")
+            mirror.finish(record.summary, "failed")
+            raise
+        finally:
+            if loop is not None:
+                loop.checkpoints.close()
     mirror.finish(record.summary, status)
-    loop.checkpoints.close()
     print(f"{status}: {record.dir}", flush=True)
     return {"completed": EXIT_OK, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_FAILED)
 
 
-def _train(loop: _Loop) -> tuple[str, str | None]:
+def _train(loop: _Loop, stop: Callable[[], bool]) -> tuple[str, str | None]:
     """Compiles, then trains epoch by epoch; returns (status, message)."""
     loop.compile()
-    with Progress(loop.total_steps, loop.steps_per_epoch) as progress, _stop_on_signals() as stop:
+    with Progress(loop.total_steps, loop.steps_per_epoch) as progress:
         loop.progress = progress
         progress.start_at(loop.position.step)
         try:
             while loop.position.step < loop.total_steps:
-                loop.train_epoch(stop)
-                loop.end_epoch()
                 if stop():
                     raise Stop("interrupted", f"stopped by a signal at step {loop.position.step}")
+                loop.train_epoch(stop)
+                loop.end_epoch()
         except Stop as e:
             if e.status == "interrupted":
                 loop.save("last")
@@ -240,7 +232,9 @@ class _Loop:
         self.epoch_sums = steps.TrainSums.zeros()
         self.log_sums_at = (0, 0.0, 0)  # (step, loss sum, correct) at the last train event
         self.position = Position(0, self.steps_per_epoch)
-        self.start_step = 0
+        # Time spent in earlier segments of a resumed run counts towards the run's totals.
+        self.t_segment = time.perf_counter()
+        self.seconds_before = 0.0
         self.train_seconds = 0.0
         self.compile_seconds = 0.0
         self.last_eval: dict[str, Any] | None = None
@@ -259,7 +253,8 @@ class _Loop:
         self.position = Position(
             int(meta["step"]), self.steps_per_epoch, meta["best_accuracy"], meta["best_step"]
         )
-        self.start_step = self.position.step
+        self.train_seconds = meta.get("train_seconds", 0.0)
+        self.seconds_before = meta.get("elapsed_seconds", 0.0)
         self.log_sums_at = tuple(meta["log_sums_at"])
         self.record.truncate_events(self.position.step)
         print(f"resuming {self.record.dir} at step {self.position.step}", flush=True)
@@ -358,10 +353,12 @@ class _Loop:
         event = {
             "step": position.step,
             "epoch": position.step / self.steps_per_epoch,
-            "train/loss": (float(sums.loss_sum) - loss0) / examples,
-            "train/accuracy": (int(sums.correct) - correct0) / examples,
-            "train/lr": float(self.built.schedule(position.step)),
-            "train/examples_per_sec": steps_done * self.config.batch_size / (now - self._t_log),
+            metrics.metric_key("train", "loss"): (float(sums.loss_sum) - loss0) / examples,
+            metrics.metric_key("train", "accuracy"): (int(sums.correct) - correct0) / examples,
+            metrics.metric_key("train", "lr"): float(self.built.schedule(position.step)),
+            metrics.metric_key("train", "examples_per_sec"): steps_done
+            * self.config.batch_size
+            / (now - self._t_log),
         }
         self._t_log = now
         self.log_sums_at = (position.step, float(sums.loss_sum), int(sums.correct))
@@ -373,24 +370,20 @@ class _Loop:
     def end_epoch(self) -> None:
         position = self.position
         sums = jax.device_get(self.epoch_sums)
-        eval_sums, probs_NxC = self.evaluate(self.state, self.test)
-        labels = self.test.labels_KxB.reshape(-1)[: self.test.num_examples]
-        summary = self.summarize(eval_sums.confusion, probs_NxC, labels)
-        loss = float(eval_sums.loss_sum) / int(eval_sums.count)
-        test_record = metrics.to_record("test", jax.device_get(summary), eval_sums.confusion, loss)
-        self.last_eval = {"probs": probs_NxC, "confusion": eval_sums.confusion}
+        test_record = self._evaluate()
         train = {
-            "train/loss": float(sums.loss_sum) / int(sums.count),
-            "train/accuracy": int(sums.correct) / int(sums.count),
+            metrics.metric_key("train", "loss"): float(sums.loss_sum) / int(sums.count),
+            metrics.metric_key("train", "accuracy"): int(sums.correct) / int(sums.count),
         }
         event = {"step": position.step, "epoch": position.epoch, **train, **test_record}
-        event.pop("test/confusion_matrix", None)
+        event.pop(metrics.metric_key("test", "confusion_matrix"), None)
         self.record.log(event)
         self.mirror.log(event)
         self.progress.epoch_event(event)
         self.epoch_sums = steps.TrainSums.zeros()
-        if test_record["test/accuracy"] > position.best_accuracy:
-            position.best_accuracy, position.best_step = test_record["test/accuracy"], position.step
+        accuracy = test_record[metrics.metric_key("test", "accuracy")]
+        if accuracy > position.best_accuracy:
+            position.best_accuracy, position.best_step = accuracy, position.step
             self.save("best")
         self.save("last")
         self.record.update_summary(
@@ -401,8 +394,19 @@ class _Loop:
             **{"best/test/accuracy": position.best_accuracy, "best/step": position.best_step},
         )
 
+    def _evaluate(self) -> dict[str, Any]:
+        """The whole test split: counts, then every metric; keeps the outputs for the end."""
+        eval_sums, probs_NxC = self.evaluate(self.state, self.test)
+        labels = self.test.labels_KxB.reshape(-1)[: self.test.num_examples]
+        summary = self.summarize(eval_sums.confusion, probs_NxC, labels)
+        loss = float(eval_sums.loss_sum) / int(eval_sums.count)
+        self.last_eval = {"probs": probs_NxC, "confusion": eval_sums.confusion}
+        return metrics.to_record("test", jax.device_get(summary), eval_sums.confusion, loss)
+
     # Phase: final record.
     def finish(self) -> None:
+        if self.last_eval is None:  # resumed after the last epoch's checkpoint: nothing ran
+            self._evaluate()
         probs = np.asarray(self.last_eval["probs"], np.float32)
         labels = np.asarray(self.dataset.test.labels, np.int32)
         tmp = self.record.dir / ".predictions.tmp.npz"
@@ -429,15 +433,26 @@ class _Loop:
             "best_accuracy": self.position.best_accuracy,
             "best_step": self.position.best_step,
             "log_sums_at": list(self.log_sums_at),
+            "train_seconds": self.train_seconds,
+            "elapsed_seconds": self.seconds_before + time.perf_counter() - self.t_segment,
         }
         self.checkpoints.save(kind, self.position.step, self._payload(), meta)
 
     def _payload(self) -> dict[str, Any]:
         return {"state": self.state, "epoch_sums": self.epoch_sums}
 
-    def examples_per_sec(self) -> float | None:
-        examples = (self.position.step - self.start_step) * self.config.batch_size
-        return examples / self.train_seconds if self.train_seconds else None
+    def timings(self, segment_seconds: float) -> dict[str, Any]:
+        """The run's totals over all its segments (a resumed run has several)."""
+        examples = self.position.step * self.config.batch_size
+        return {
+            "step": self.position.step,
+            "time/compile_seconds": self.compile_seconds,
+            "time/train_seconds": self.train_seconds,
+            "time/total_seconds": self.seconds_before + segment_seconds,
+            metrics.metric_key("train", "examples_per_sec"): (
+                examples / self.train_seconds if self.train_seconds else None
+            ),
+        }
 
 
 @contextlib.contextmanager

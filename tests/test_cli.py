@@ -108,3 +108,23 @@ def test_default_recipe_one_epoch_on_full_mnist(tmp_path, mnist_dir):
     summary = json.loads((tmp_path / "default" / "summary.json").read_text())
     assert summary["test/accuracy"] >= 0.985
     assert sum(map(sum, summary["test/confusion_matrix"])) == 10_000
+
+
+def test_a_command_line_that_does_not_parse_is_one_line_with_exit_code_2():
+    for args in (["train", "--epochs", "abc"], ["no-such-command"], ["evaluate"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "cli", *args], cwd=REPO, capture_output=True, text=True
+        )
+        assert result.returncode == 2, args
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "--help" in lines[0], lines
+
+
+def test_a_bad_wandb_mode_is_reported_before_a_run_directory_exists(tmp_path, mnist_dir):
+    result = runner.invoke(
+        app,
+        ["train", "--data-dir", str(mnist_dir), "--runs-dir", str(tmp_path)],
+        env={"WANDB_MODE": "sometimes"},
+    )
+    assert result.exit_code == 2 and "WANDB_MODE" in result.output
+    assert not list(tmp_path.iterdir())

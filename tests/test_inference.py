@@ -112,3 +112,27 @@ def test_a_large_dark_on_light_scan_is_converted_like_mnist(mnist, tmp_path):
     mass = converted.astype(float)
     assert abs((rows * mass).sum() / mass.sum() - 14) < 1.0
     assert abs((cols * mass).sum() / mass.sum() - 14) < 1.0
+
+
+def test_evaluate_reads_only_and_reports_damaged_checkpoints_in_one_line(run_dir, tmp_path):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir, damaged)
+    for array_dir in damaged.glob("checkpoints/*/*/state/d"):
+        shutil.rmtree(array_dir)
+    result = runner.invoke(app, ["evaluate", str(damaged)])
+    assert result.exit_code == 2 and "no checkpoint could be restored" in result.output
+    assert "Traceback" not in result.output
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(run_dir / "config.json", bare / "config.json")
+    result = runner.invoke(app, ["evaluate", str(bare)])
+    assert result.exit_code == 2 and "has no checkpoint yet" in result.output
+    assert sorted(p.name for p in bare.iterdir()) == ["config.json"], "evaluate must not write"
+
+
+def test_predict_names_a_directory_given_as_an_image(run_dir, tmp_path):
+    result = runner.invoke(app, ["predict", str(run_dir), str(tmp_path)])
+    assert result.exit_code == 1 and f"error: {tmp_path}: " in result.output

@@ -64,3 +64,34 @@ def test_damaged_or_missing_files_are_one_line_errors(tmp_path):
     bad.write_text("{")
     with pytest.raises(UserError, match="not valid JSON"):
         read_json(bad)
+
+
+def test_a_record_holding_json_of_the_wrong_shape_is_a_one_line_error(tmp_path):
+    record = RunRecord.create(tmp_path, "run", {"lr": 0.1}, {})
+    record.summary_path.write_text("[1, 2]")
+    with pytest.raises(UserError, match="not a JSON object"):
+        RunRecord.open(record.dir)
+    record.summary_path.write_text("{}")
+    record.config_path.write_text("[]")
+    with pytest.raises(UserError, match='no "config" object'):
+        RunRecord.open(record.dir).read_config()
+
+
+def test_a_run_being_written_cannot_be_written_by_a_second_process(tmp_path):
+    import subprocess
+    import sys
+
+    record = RunRecord.create(tmp_path, "run", {}, {})
+    code = (
+        "import sys; from mnist_jax.tracking import RunRecord\n"
+        "from mnist_jax.errors import UserError\n"
+        f"r = RunRecord.open({str(record.dir)!r})\n"
+        "try:\n"
+        "    with r.writer_lock(): print('locked')\n"
+        "except UserError as e: print(e)\n"
+    )
+    with record.writer_lock():
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+        assert "being written by another mnist-jax process" in out
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    assert out.strip() == "locked"

@@ -291,3 +291,29 @@ def test_an_unexpected_error_is_recorded_before_it_propagates(tiny, monkeypatch)
         train.fit(config)
     summary = run_summary(config)
     assert summary["status"] == "failed" and "disk on fire" in summary["message"]
+
+
+def test_resume_after_the_final_checkpoint_completes_the_record(tiny):
+    """A run killed after its last checkpoint but before the end: resume only writes the end."""
+    straight = tiny.replace(name="whole")
+    assert train.fit(straight) == 0
+    killed = tiny.replace(name="killed")
+    assert train.fit(killed) == 0
+    run = config_run_dir(killed)
+    (run / "predictions.npz").unlink()
+    summary = run_summary(killed)
+    (run / "summary.json").write_text(json.dumps({**summary, "status": "running"}))
+    assert train.resume(run, {}) == 0
+    resumed, expected = run_summary(killed), run_summary(straight)
+    assert resumed["status"] == "completed"
+    keys = [k for k in expected if k.startswith("test/")]
+    assert {k: resumed[k] for k in keys} == {k: expected[k] for k in keys}
+    np.testing.assert_array_equal(
+        np.load(run / "predictions.npz")["probs"],
+        np.load(config_run_dir(straight) / "predictions.npz")["probs"],
+    )
+
+
+def test_an_eval_batch_larger_than_the_split_is_not_padded_up(mnist):
+    split = steps.eval_data(mnist.test.images[:30], mnist.test.labels[:30], batch_size=100_000)
+    assert split.images_KxBxHxW.shape[:2] == (1, 30) and bool(split.mask_KxB.all())
