@@ -223,13 +223,14 @@ def find_runs(patterns: Sequence[str] | None, runs_dir: str | Path) -> tuple[lis
     """The run directories to analyse, and a note for the report when there are none.
 
     `patterns` are directories or quoted globs. An explicit directory that is not a run is an
-    error; a glob (and the default `runs_dir/*`) silently passes over non-run directories.
+    error; a glob (and the default `runs_dir/*`) passes over directories that hold no run file
+    at all, but keeps a damaged run (one that lost its config.json) so the report shows it.
     """
     if not patterns:
         root = Path(runs_dir)
         if not root.is_dir():
             return [], f"No runs found: the runs directory {root} does not exist."
-        found = sorted(p for p in root.iterdir() if _is_run(p))
+        found = sorted(p for p in root.iterdir() if _looks_like_run(p))
         return found, "" if found else f"No runs found under {root}."
     found: list[Path] = []
     for pattern in patterns:
@@ -237,7 +238,7 @@ def find_runs(patterns: Sequence[str] | None, runs_dir: str | Path) -> tuple[lis
             matches = sorted(glob.glob(os.path.expanduser(pattern)))
             if not matches:
                 raise UserError(f"--runs {pattern!r} matches nothing; check the pattern")
-            found.extend(Path(m) for m in matches if _is_run(Path(m)))
+            found.extend(Path(m) for m in matches if _looks_like_run(Path(m)))
         else:
             found.append(_explicit_run(Path(pattern).expanduser()))
     runs, seen = [], set()
@@ -272,16 +273,18 @@ def load_run(path: str | Path) -> Run:
     )
 
 
-def _is_run(path: Path) -> bool:
-    return path.is_dir() and (path / CONFIG_FILE).is_file()
+def _looks_like_run(path: Path) -> bool:
+    """A run directory, or a damaged one: no config.json, but files only training writes."""
+    written = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CHECKPOINTS_DIR, PREDICTIONS_FILE)
+    return path.is_dir() and any((path / name).exists() for name in written)
 
 
 def _explicit_run(path: Path) -> Path:
     if not path.exists():
         raise UserError(f"--runs {path}: no such directory")
-    if _is_run(path):
+    if _looks_like_run(path):
         return path
-    if path.is_dir() and any(_is_run(p) for p in path.iterdir()):
+    if path.is_dir() and any(_looks_like_run(p) for p in path.iterdir()):
         raise UserError(
             f"{path} is not a run directory (no {CONFIG_FILE}) but holds runs; "
             f"use --runs-dir {path} or --runs '{path}/*'"
@@ -667,6 +670,11 @@ def analyze(
     run_paths, runs_note = find_runs(runs, runs_dir) if include_runs else ([], "")
     if not include_runs:
         runs_note = "Run analysis skipped (--no-runs)."
+    elif not run_paths and not include_dataset:
+        raise UserError(
+            f"{runs_note.rstrip('.')}, and --no-dataset leaves nothing else to analyse; point "
+            "--runs-dir or --runs at directories written by `mnist-jax train`, or drop --no-dataset"
+        )
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

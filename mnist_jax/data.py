@@ -863,22 +863,46 @@ def _load_tfds(name: str, data_dir: Path | None) -> Dataset:
     splits = {}
     for split in ("train", "test"):
         try:
+            # Never download: this source is for data already prepared in a TFDS data dir, and
+            # offline a TFDS download retries for minutes before it gives up.
             ds = tfds.load(
                 name,
                 split=split,
                 batch_size=_TFDS_BATCH,
                 as_supervised=True,
                 data_dir=str(data_dir) if data_dir else None,
+                download=False,
             )
             batches = list(tfds.as_numpy(ds))
         except Exception as e:  # tfds raises many types; all mean "could not load"
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(
-                f"tensorflow-datasets could not load {name} {split}: {first_line}; "
-                "try --source download or --data-dir DIR"
-            ) from None
+            raise _tfds_error(tfds, name, split, data_dir, e) from None
         splits[split] = _split_from_batches(name, split, batches)
     return Dataset(name, splits["train"], splits["test"], CLASS_NAMES[name], origin="tfds")
+
+
+def _tfds_error(
+    tfds: Any, name: str, split: str, data_dir: Path | None, error: Exception
+) -> UserError:
+    """One line for a failed `tfds.load`: "not prepared" (and how to prepare it) when the TFDS
+    data dir lacks the dataset, else the first line of what tfds said."""
+    try:
+        builder = tfds.builder(name, data_dir=str(data_dir) if data_dir else None)
+        prepared, root = builder.is_prepared(), builder.data_dir_root
+    except Exception:  # the builder cannot say: fall back to tfds's own message
+        prepared, root = True, data_dir
+    if not prepared:
+        return UserError(
+            f"{name} is not prepared in the TFDS data dir {root} and source 'tfds' never "
+            f"downloads; prepare it on a connected machine (`tfds build {name} --data_dir "
+            f"{root}`), point --data-dir at the TFDS data dir that holds it, or use "
+            "--source download"
+        )
+    text = str(error).strip()
+    first_line = text.splitlines()[0] if text else type(error).__name__
+    return UserError(
+        f"tensorflow-datasets could not load {name} {split}: {first_line}; "
+        "try --source download or --data-dir DIR"
+    )
 
 
 def _split_from_batches(

@@ -243,6 +243,33 @@ def test_find_runs_globs_ignore_non_runs_and_explicit_dirs_must_be_runs(tmp_path
     assert found == [] and "does not exist" in note
 
 
+def test_globs_list_runs_that_lost_their_config_as_damaged(tmp_path, test_labels):
+    root = tmp_path / "runs"
+    good = write_run(root, "good", test_labels=test_labels, predictions=False)
+    lost = write_run(root, "lost-config", test_labels=test_labels, predictions=False)
+    (lost / "config.json").unlink()
+    crashed = root / "crashed"  # died before its first summary: only a metrics line is left
+    crashed.mkdir()
+    (crashed / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.3}\n')
+    (root / "notes").mkdir()  # a plain directory: no run files, still ignored
+
+    found, note = analysis.find_runs([str(root / "*")], "unused")
+    assert found == [crashed, good, lost] and note == ""
+    assert analysis.find_runs(None, root)[0] == [crashed, good, lost]
+    assert analysis.find_runs([str(lost)], "unused")[0] == [lost]
+
+    run = analysis.load_run(lost)
+    assert "no config.json" in run.problems and run.config == {}
+    assert run.status == "completed"  # its summary survived and still says so
+    row = analysis.comparison_row(analysis.analyze_run(run))
+    assert row["status"] == "completed" and "no config.json" in row["problems"]
+    assert row["test/accuracy"] == run.summary["test/accuracy"]
+
+    run = analysis.load_run(crashed)
+    assert run.status == "unknown"
+    assert "no config.json" in run.problems and "no summary.json" in run.problems
+
+
 def test_complete_run_reads_without_problems(tmp_path, test_labels):
     run = analysis.load_run(write_run(tmp_path, "ok", test_labels=test_labels))
     assert run.problems == []
@@ -401,6 +428,9 @@ def bare_analysis(tmp_path_factory, mnist_dir, test_labels):
     write_run(runs, "starting", test_labels=test_labels, status="running", epochs_done=0,
               predictions=False, checkpoint=False, metrics_lines=False)  # fmt: skip
     _corrupt_summary(write_run(runs, "damaged", test_labels=test_labels, predictions=False))
+    lost = write_run(runs, "no-config", test_labels=test_labels, accuracy=0.5,
+                     status="interrupted", epochs_done=2, predictions=False, seed=3)  # fmt: skip
+    (lost / "config.json").unlink()
     write_run(runs, "elsewhere", test_labels=test_labels, accuracy=0.9,
               config={"data_dir": str(root / "gone"), "source": "local"})  # fmt: skip
     (runs / "not-a-run").mkdir()
@@ -459,7 +489,9 @@ def test_runs_csv_is_sorted_by_accuracy_and_holds_the_summary_numbers(bare_analy
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == analysis.COMPARISON_COLUMNS
     names = [r["name"] for r in rows]
-    assert names == ["sgd-best", "adam-good", "damaged", "elsewhere", "stopped", "starting"]
+    assert names == [
+        "sgd-best", "adam-good", "damaged", "elsewhere", "stopped", "no-config", "starting"
+    ]  # fmt: skip
     accuracies = [float(r["test/accuracy"]) for r in rows[:-1]]
     assert accuracies == sorted(accuracies, reverse=True)
     assert rows[-1]["test/accuracy"] == ""  # no epoch finished: last
@@ -483,6 +515,10 @@ def test_runs_csv_is_sorted_by_accuracy_and_holds_the_summary_numbers(bare_analy
     assert damaged["status"] == "unknown"
     assert float(damaged["test/accuracy"]) == json.loads(events[-1])["test/accuracy"]
     assert by_name["starting"]["test/accuracy"] == ""
+    # A run that lost its config.json: listed with what is missing, its numbers from summary.json.
+    lost = by_name["no-config"]
+    assert lost["status"] == "interrupted" and "no config.json" in lost["problems"]
+    assert lost["optimizer"] == "" and float(lost["test/accuracy"]) > 0
     assert "not-a-run" not in names
 
 
@@ -507,7 +543,8 @@ def test_report_is_self_contained(bare_analysis):
 def test_report_shows_partial_runs_with_status_and_what_is_missing(bare_analysis):
     root, _ = bare_analysis
     page = (root / "analysis" / "report.html").read_text()
-    for name in ("adam-good", "sgd-best", "stopped", "starting", "damaged", "elsewhere"):
+    for name in ("adam-good", "sgd-best", "stopped", "starting", "damaged", "elsewhere",
+                 "no-config"):  # fmt: skip
         assert f'id="run-{name}"' in page
     for badge in ("completed", "interrupted", "running", "unknown"):
         assert f">{badge}</span>" in page
@@ -515,6 +552,7 @@ def test_report_shows_partial_runs_with_status_and_what_is_missing(bare_analysis
     assert "no predictions.npz" in page
     assert "metrics.jsonl is empty" in page
     assert "summary.json is not valid JSON" in page
+    assert "no config.json" in page
     assert "Dataset: mnist" in page and "0.3081078038564627" in page
     assert "not-a-run" not in page
 
@@ -550,6 +588,32 @@ def test_no_runs_found_still_reports_the_dataset(tmp_path, mnist, monkeypatch):
     assert stats["splits"]["train"]["num_images"] == 500
     with (tmp_path / "out" / "runs.csv").open() as f:
         assert list(csv.reader(f)) == [list(analysis.COMPARISON_COLUMNS)]
+
+    (tmp_path / "plain" / "notes").mkdir(parents=True)  # a glob that matches no run
+    page = analysis.analyze(tmp_path / "out2", runs=[str(tmp_path / "plain" / "*")]).read_text()
+    assert "No runs found in" in page and "Dataset: mnist" in page
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--runs", "{tmp}/plain/*"],
+        ["--runs-dir", "{tmp}/missing"],
+        ["--runs-dir", "{tmp}/plain"],
+    ],
+    ids=["glob-of-non-runs", "missing-runs-dir", "runs-dir-without-runs"],
+)
+def test_no_runs_and_no_dataset_is_an_error_not_an_empty_report(tmp_path, args):
+    (tmp_path / "plain" / "notes").mkdir(parents=True)
+    argv = ["analyze", "--no-dataset", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, [*argv, *(a.format(tmp=tmp_path) for a in args)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: No runs found"), result.output
+    searched = args[1].format(tmp=tmp_path)
+    assert searched in lines[0]  # what was searched
+    assert "mnist-jax train" in lines[0] and "--no-dataset" in lines[0]  # what to do
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

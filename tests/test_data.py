@@ -10,6 +10,7 @@ import contextlib
 import gzip
 import hashlib
 import http.server
+import importlib.metadata
 import importlib.util
 import socket
 import struct
@@ -602,6 +603,38 @@ def test_tfds_source_with_mock_data() -> None:
         assert split.images.shape == (12, 28, 28) and split.images.dtype == np.uint8
         assert split.labels.dtype == np.int32 and 0 <= split.labels.min() <= split.labels.max() < 10
     assert ds.class_names == data.CLASS_NAMES["fashion_mnist"] and ds.origin == "tfds"
+
+
+def test_tfds_extra_brings_what_tfds_imports_to_prepare_data() -> None:
+    from tensorflow_datasets.core import dataset_builder
+
+    # tfds imports it lazily, only once a dataset is being prepared: check both ends.
+    assert dataset_builder.importlib_resources.abc.Traversable
+    requires = importlib.metadata.requires("mnist-jax") or []
+    assert any(r.startswith("importlib_resources") and 'extra == "tfds"' in r for r in requires)
+
+
+def test_tfds_unprepared_fails_fast_without_downloading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tensorflow_datasets as tfds
+
+    def no_download(*args, **kwargs):
+        pytest.fail("source 'tfds' tried to download")  # BaseException: nothing catches it
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_download)
+    tfds_dir = tmp_path / "tfds"
+    tfds_dir.mkdir()
+    start = time.monotonic()
+    with pytest.raises(UserError) as err:
+        data.load_dataset("mnist", tfds_dir, source="tfds")
+    assert time.monotonic() - start < 10
+    message = str(err.value)
+    assert f"mnist is not prepared in the TFDS data dir {tfds_dir}" in message
+    for hint in ("tfds build mnist", "--data-dir", "--source download"):
+        assert hint in message
+    assert "\n" not in message
+    assert list(tfds_dir.iterdir()) == []  # nothing was started in it either
 
 
 def test_tfds_missing_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
