@@ -15,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from typer.exceptions import TyperException
 
-from mnist_jax.config import FIELD_HELP
+from mnist_jax.config import FIELD_HELP, config_from
 from mnist_jax.errors import UserError
 
 app = typer.Typer(
@@ -131,8 +131,6 @@ def train(
         wandb_group=group,
         wandb_notes=notes,
     )
-    from mnist_jax.config import config_from
-
     if resume is not None:
         if config is not None:
             raise UserError("--resume continues a run with its own config; drop --config")

@@ -104,11 +104,9 @@ def make_optimizer(config: Config, schedule: optax.Schedule) -> optax.GradientTr
 
 
 class Steps(NamedTuple):
-    """Everything compiled for one config: built once, called many times."""
+    """The pure functions and initial state for one config: built once, compiled by the caller."""
 
-    graphdef: nnx.GraphDef
     schedule: optax.Schedule
-    optimizer: optax.GradientTransformation
     init_state: TrainState
     train_step: Callable[..., Any]
     eval_step: Callable[..., Any]
@@ -125,7 +123,7 @@ def build(config: Config, num_classes: int, total_steps: int) -> Steps:
     def forward(params, model_state, images_BxHxW, *, train, dropout_key=None):
         module = nnx.merge(graphdef, params, model_state, copy=True)
         logits_BxC = module(preprocess(images_BxHxW), train=train, dropout_key=dropout_key)
-        _, new_model_state = nnx.split(module, nnx.Param, ...)[1:]
+        _, _, new_model_state = nnx.split(module, nnx.Param, ...)
         return logits_BxC, new_model_state
 
     def train_step(state: TrainState, batch, rng: jax.Array):
@@ -162,7 +160,7 @@ def build(config: Config, num_classes: int, total_steps: int) -> Steps:
         )
         return sums, jax.nn.softmax(logits_BxC)
 
-    return Steps(graphdef, schedule, optimizer, state, train_step, eval_step)
+    return Steps(schedule, state, train_step, eval_step)
 
 
 def epoch_permutation(seed: int, epoch: int, num_examples: int) -> jax.Array:

@@ -66,6 +66,10 @@ class Stop(Exception):
         super().__init__(message)
         self.status = status
 
+    @classmethod
+    def interrupted(cls, step: int) -> Stop:
+        return cls("interrupted", f"stopped by a signal at step {step}")
+
 
 def fit(config: Config) -> int:
     """Trains `config` into a new run directory; returns the process exit code."""
@@ -168,7 +172,6 @@ def _run(
 ) -> int:
     from mnist_jax.wandb_mirror import Mirror, start_mirror
 
-    t_start = time.perf_counter()
     mirror, loop = Mirror(), None
     with record.writer_lock(), _stop_on_signals() as stop:
         try:
@@ -182,9 +185,7 @@ def _run(
             status, message = _train(loop, stop)
             if status == "completed":
                 loop.finish()
-            record.update_summary(
-                status=status, message=message, **loop.timings(time.perf_counter() - t_start)
-            )
+            record.update_summary(status=status, message=message, **loop.timings())
         except BaseException as e:
             # Not a planned stop: the record says so before the error goes on up.
             record.update_summary(status="failed", message=f"{type(e).__name__}: {e}")
@@ -207,7 +208,7 @@ def _train(loop: _Loop, stop: Callable[[], bool]) -> tuple[str, str | None]:
         try:
             while loop.position.step < loop.total_steps:
                 if stop():
-                    raise Stop("interrupted", f"stopped by a signal at step {loop.position.step}")
+                    raise Stop.interrupted(loop.position.step)
                 loop.train_epoch(stop)
                 loop.end_epoch()
         except Stop as e:
@@ -298,7 +299,7 @@ class _Loop:
         self.compile_seconds = time.perf_counter() - t0
 
     # Phase: one epoch of training (or what is left of it).
-    def train_epoch(self, stop: Any) -> None:
+    def train_epoch(self, stop: Callable[[], bool]) -> None:
         config, position = self.config, self.position
         permutation = steps.epoch_permutation(config.seed, position.epoch, self.n_train)
         t0 = time.perf_counter()
@@ -326,7 +327,7 @@ class _Loop:
                 break
             if stop():
                 self.train_seconds += time.perf_counter() - t0
-                raise Stop("interrupted", f"stopped by a signal at step {position.step}")
+                raise Stop.interrupted(position.step)
         self.train_seconds += time.perf_counter() - t0
 
     def _log_train(self) -> None:
@@ -434,21 +435,25 @@ class _Loop:
             "best_step": self.position.best_step,
             "log_sums_at": list(self.log_sums_at),
             "train_seconds": self.train_seconds,
-            "elapsed_seconds": self.seconds_before + time.perf_counter() - self.t_segment,
+            "elapsed_seconds": self.elapsed_seconds(),
         }
         self.checkpoints.save(kind, self.position.step, self._payload(), meta)
 
     def _payload(self) -> dict[str, Any]:
         return {"state": self.state, "epoch_sums": self.epoch_sums}
 
-    def timings(self, segment_seconds: float) -> dict[str, Any]:
-        """The run's totals over all its segments (a resumed run has several)."""
+    def elapsed_seconds(self) -> float:
+        """Wall time of the run so far, over all its segments (a resumed run has several)."""
+        return self.seconds_before + time.perf_counter() - self.t_segment
+
+    def timings(self) -> dict[str, Any]:
+        """The run's totals over all its segments."""
         examples = self.position.step * self.config.batch_size
         return {
             "step": self.position.step,
             "time/compile_seconds": self.compile_seconds,
             "time/train_seconds": self.train_seconds,
-            "time/total_seconds": self.seconds_before + segment_seconds,
+            "time/total_seconds": self.elapsed_seconds(),
             metrics.metric_key("train", "examples_per_sec"): (
                 examples / self.train_seconds if self.train_seconds else None
             ),
