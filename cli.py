@@ -6,8 +6,11 @@ jax, flax, optax, orbax, wandb and tensorflow are imported inside the commands s
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -15,7 +18,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from typer.exceptions import TyperException
 
-from mnist_jax.config import FIELD_HELP, config_from
+from mnist_jax.config import Config, config_from, field_help, field_type
 from mnist_jax.errors import UserError
 
 app = typer.Typer(
@@ -45,7 +48,7 @@ def user_errors(fn: F) -> F:
 
 
 def _opt(name: str, *flags: str) -> Any:
-    return typer.Option(*flags, help=FIELD_HELP[name], show_default=False)
+    return typer.Option(*flags, help=field_help(name), show_default=False)
 
 
 DatasetOpt = Annotated[str | None, _opt("dataset", "--dataset")]
@@ -53,8 +56,37 @@ DataDirOpt = Annotated[Path | None, _opt("data_dir", "--data-dir")]
 SourceOpt = Annotated[str | None, _opt("source", "--source")]
 
 
+def config_options(fn: F) -> F:
+    """Replaces `fn`'s `**flags` by one option per `Config` field, each None when not given.
+
+    Typer reads the options from `inspect.signature`, so a field added to `Config` is a flag of
+    every command decorated here with nothing else to write.
+    """
+    signature = inspect.signature(fn, eval_str=True)
+    params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    params += [_config_option(f) for f in dataclasses.fields(Config)]
+    fn.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    fn.__annotations__ = {p.name: p.annotation for p in params}
+    return fn
+
+
+def _config_option(field: dataclasses.Field) -> inspect.Parameter:
+    flag = field.metadata["flag"] or "--" + field.name.replace("_", "-")
+    option = typer.Option(flag, help=field.metadata["help"], show_default=False)
+    kind = field_type(field.name)
+    if field.metadata["path"]:
+        kind = Path
+    elif typing.get_origin(kind) is tuple:
+        kind = str  # comma-separated, e.g. --conv-features 32,64
+    annotation = Annotated[kind | None, option]
+    return inspect.Parameter(
+        field.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation
+    )
+
+
 @app.command()
 @user_errors
+@config_options
 def train(
     config: Annotated[
         Path | None, typer.Option("--config", help="Experiment TOML file (flags override it).")
@@ -65,72 +97,10 @@ def train(
             "--resume", help="Continue the run in this directory from its last checkpoint."
         ),
     ] = None,
-    dataset: DatasetOpt = None,
-    data_dir: DataDirOpt = None,
-    source: SourceOpt = None,
-    train_examples: Annotated[int | None, _opt("train_examples", "--train-examples")] = None,
-    test_examples: Annotated[int | None, _opt("test_examples", "--test-examples")] = None,
-    conv_features: Annotated[str | None, _opt("conv_features", "--conv-features")] = None,
-    dense_features: Annotated[int | None, _opt("dense_features", "--dense-features")] = None,
-    dropout: Annotated[float | None, _opt("dropout", "--dropout")] = None,
-    norm: Annotated[str | None, _opt("norm", "--norm")] = None,
-    optimizer: Annotated[str | None, _opt("optimizer", "--optimizer")] = None,
-    lr: Annotated[float | None, _opt("lr", "--lr")] = None,
-    momentum: Annotated[float | None, _opt("momentum", "--momentum")] = None,
-    weight_decay: Annotated[float | None, _opt("weight_decay", "--weight-decay")] = None,
-    schedule: Annotated[str | None, _opt("schedule", "--schedule")] = None,
-    warmup_steps: Annotated[int | None, _opt("warmup_steps", "--warmup-steps")] = None,
-    grad_clip: Annotated[float | None, _opt("grad_clip", "--grad-clip")] = None,
-    label_smoothing: Annotated[float | None, _opt("label_smoothing", "--label-smoothing")] = None,
-    batch_size: Annotated[int | None, _opt("batch_size", "--batch-size")] = None,
-    epochs: Annotated[int | None, _opt("epochs", "--epochs")] = None,
-    seed: Annotated[int | None, _opt("seed", "--seed")] = None,
-    eval_batch_size: Annotated[int | None, _opt("eval_batch_size", "--eval-batch-size")] = None,
-    steps_per_call: Annotated[int | None, _opt("steps_per_call", "--steps-per-call")] = None,
-    log_every: Annotated[int | None, _opt("log_every", "--log-every")] = None,
-    runs_dir: Annotated[Path | None, _opt("runs_dir", "--runs-dir")] = None,
-    name: Annotated[str | None, _opt("name", "--name")] = None,
-    wandb: Annotated[str | None, _opt("wandb", "--wandb")] = None,
-    project: Annotated[str | None, _opt("wandb_project", "--project")] = None,
-    entity: Annotated[str | None, _opt("wandb_entity", "--entity")] = None,
-    tags: Annotated[str | None, _opt("wandb_tags", "--tags")] = None,
-    group: Annotated[str | None, _opt("wandb_group", "--group")] = None,
-    notes: Annotated[str | None, _opt("wandb_notes", "--notes")] = None,
+    **flags: Any,
 ) -> None:
     """Train the CNN and record the run under RUNS_DIR/NAME."""
-    flags = dict(
-        dataset=dataset,
-        data_dir=str(data_dir) if data_dir else None,
-        source=source,
-        train_examples=train_examples,
-        test_examples=test_examples,
-        conv_features=conv_features,
-        dense_features=dense_features,
-        dropout=dropout,
-        norm=norm,
-        optimizer=optimizer,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        schedule=schedule,
-        warmup_steps=warmup_steps,
-        grad_clip=grad_clip,
-        label_smoothing=label_smoothing,
-        batch_size=batch_size,
-        epochs=epochs,
-        seed=seed,
-        eval_batch_size=eval_batch_size,
-        steps_per_call=steps_per_call,
-        log_every=log_every,
-        runs_dir=str(runs_dir) if runs_dir else None,
-        name=name,
-        wandb=wandb,
-        wandb_project=project,
-        wandb_entity=entity,
-        wandb_tags=tags,
-        wandb_group=group,
-        wandb_notes=notes,
-    )
+    flags = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()}
     if resume is not None:
         if config is not None:
             raise UserError("--resume continues a run with its own config; drop --config")
@@ -227,7 +197,7 @@ def data_verify(dataset: DatasetOpt = None, data_dir: DataDirOpt = None) -> None
 @app.command()
 @user_errors
 def analyze(
-    dataset: Annotated[str, typer.Option("--dataset", help=FIELD_HELP["dataset"])] = "mnist",
+    dataset: Annotated[str, typer.Option("--dataset", help=field_help("dataset"))] = "mnist",
     data_dir: DataDirOpt = None,
     runs: Annotated[
         list[str] | None,

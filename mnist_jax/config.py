@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,46 +31,85 @@ WANDB_MODES = ("online", "offline", "disabled")
 MAX_CONV_BLOCKS = 4  # 28 -> 14 -> 7 -> 3 -> 1 pixels
 
 
+def option(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    choices: tuple[str, ...] = (),
+    path: bool = False,
+) -> Any:
+    """Declares a `Config` field once: its default, its help and how the CLI spells it.
+
+    `flag` is needed only where it is not `--field-name`. With `choices`, the value must be one
+    of them (or None where the default is None) and `{choices}` in `help` lists them. A `path`
+    field is a str in the config (and its JSON) and a PATH on the command line.
+    """
+    metadata = {
+        "help": help.format(choices=", ".join(choices)),
+        "flag": flag,
+        "choices": choices,
+        "path": path,
+    }
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One training run, fully resolved. Field docs double as the CLI's help texts."""
+    """One training run, fully resolved. Each field's help doubles as its CLI help text."""
 
     # data
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    source: str = "auto"
-    train_examples: int = 0
-    test_examples: int = 0
+    dataset: str = option("mnist", "Dataset: one of {choices}.", choices=DATASETS)
+    data_dir: str | None = option(
+        None,
+        "Directory with the four IDX files (default: $MNIST_JAX_DATA_DIR, else the cache).",
+        path=True,
+    )
+    source: str = option("auto", "Where data comes from: one of {choices}.", choices=SOURCES)
+    train_examples: int = option(0, "Train on only the first N training images (0: all of them).")
+    test_examples: int = option(0, "Evaluate on only the first N test images (0: all of them).")
     # model: the classic conv32-conv64-dense256-dense10 CNN
-    conv_features: tuple[int, ...] = (32, 64)
-    dense_features: int = 256
-    dropout: float = 0.0
-    norm: str = "none"
+    conv_features: tuple[int, ...] = option(
+        (32, 64), "Output channels of each 3x3 convolution block, e.g. 32,64."
+    )
+    dense_features: int = option(256, "Width of the hidden dense layer.")
+    dropout: float = option(0.0, "Dropout rate before the classifier (0 turns it off).")
+    norm: str = option(
+        "none", "Normalisation after each convolution: one of {choices}.", choices=NORMS
+    )
     # optimisation
-    optimizer: str = "adam"
-    lr: float = 5e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "onecycle"
-    warmup_steps: int = -1
-    grad_clip: float = 0.0
-    label_smoothing: float = 0.0
-    batch_size: int = 128
-    epochs: int = 3
-    seed: int = 0
+    optimizer: str = option("adam", "Optimizer: one of {choices}.", choices=OPTIMIZERS)
+    lr: float = option(5e-3, "Learning rate (the peak rate for cosine and onecycle schedules).")
+    momentum: float = option(0.9, "Momentum for the momentum optimizer (beta1 for adam/adamw).")
+    weight_decay: float = option(
+        0.0, "Weight decay (decoupled for adamw, L2 added to the gradient otherwise)."
+    )
+    schedule: str = option(
+        "onecycle", "Learning-rate schedule: one of {choices}.", choices=SCHEDULES
+    )
+    warmup_steps: int = option(-1, "Warmup steps (-1: 10% of training for onecycle, 0 otherwise).")
+    grad_clip: float = option(0.0, "Clip gradients to this global norm (0 turns it off).")
+    label_smoothing: float = option(0.0, "Label smoothing for the cross-entropy loss.")
+    batch_size: int = option(128, "Training batch size.")
+    epochs: int = option(3, "Number of passes over the training split.")
+    seed: int = option(0, "Seed for initialisation, shuffling and dropout.")
     # execution
-    eval_batch_size: int = 1000
-    steps_per_call: int = 0
-    log_every: int = 50
+    eval_batch_size: int = option(
+        1000, "Evaluation batch size (the last batch is padded, never dropped)."
+    )
+    steps_per_call: int = option(0, "Training steps per compiled call (0: chosen per backend).")
+    log_every: int = option(50, "Log training metrics every this many steps.")
     # record keeping
-    runs_dir: str = "runs"
-    name: str | None = None
-    wandb: str | None = None
-    wandb_project: str = "mnist-jax"
-    wandb_entity: str | None = None
-    wandb_tags: tuple[str, ...] = ()
-    wandb_group: str | None = None
-    wandb_notes: str | None = None
+    runs_dir: str = option("runs", "Directory that holds one sub-directory per run.", path=True)
+    name: str | None = option(None, "Run name (default: a unique timestamped name).")
+    wandb: str | None = option(
+        None, "Weights & Biases mode: one of {choices} (default: see README).", choices=WANDB_MODES
+    )
+    wandb_project: str = option("mnist-jax", "W&B project.", flag="--project")
+    wandb_entity: str | None = option(None, "W&B entity (user or team).", flag="--entity")
+    wandb_tags: tuple[str, ...] = option((), "W&B tags, comma-separated.", flag="--tags")
+    wandb_group: str | None = option(None, "W&B group.", flag="--group")
+    wandb_notes: str | None = option(None, "W&B notes.", flag="--notes")
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -80,39 +121,21 @@ class Config:
         return build_config(self.to_dict(), changes)
 
 
-FIELD_HELP = {
-    "dataset": f"Dataset: one of {', '.join(DATASETS)}.",
-    "data_dir": "Directory with the four IDX files (default: $MNIST_JAX_DATA_DIR, else the cache).",
-    "source": f"Where data comes from: one of {', '.join(SOURCES)}.",
-    "train_examples": "Train on only the first N training images (0: all of them).",
-    "test_examples": "Evaluate on only the first N test images (0: all of them).",
-    "conv_features": "Output channels of each 3x3 convolution block, e.g. 32,64.",
-    "dense_features": "Width of the hidden dense layer.",
-    "dropout": "Dropout rate before the classifier (0 turns it off).",
-    "norm": f"Normalisation after each convolution: one of {', '.join(NORMS)}.",
-    "optimizer": f"Optimizer: one of {', '.join(OPTIMIZERS)}.",
-    "lr": "Learning rate (the peak rate for cosine and onecycle schedules).",
-    "momentum": "Momentum for the momentum optimizer (beta1 for adam/adamw).",
-    "weight_decay": "Weight decay (decoupled for adamw, L2 added to the gradient otherwise).",
-    "schedule": f"Learning-rate schedule: one of {', '.join(SCHEDULES)}.",
-    "warmup_steps": "Warmup steps (-1: 10% of training for onecycle, 0 otherwise).",
-    "grad_clip": "Clip gradients to this global norm (0 turns it off).",
-    "label_smoothing": "Label smoothing for the cross-entropy loss.",
-    "batch_size": "Training batch size.",
-    "epochs": "Number of passes over the training split.",
-    "seed": "Seed for initialisation, shuffling and dropout.",
-    "eval_batch_size": "Evaluation batch size (the last batch is padded, never dropped).",
-    "steps_per_call": "Training steps per compiled call (0: chosen per backend).",
-    "log_every": "Log training metrics every this many steps.",
-    "runs_dir": "Directory that holds one sub-directory per run.",
-    "name": "Run name (default: a unique timestamped name).",
-    "wandb": "Weights & Biases mode: online, offline or disabled (default: see README).",
-    "wandb_project": "W&B project.",
-    "wandb_entity": "W&B entity (user or team).",
-    "wandb_tags": "W&B tags, comma-separated.",
-    "wandb_group": "W&B group.",
-    "wandb_notes": "W&B notes.",
-}
+def field_help(name: str) -> str:
+    """The help text of `Config` field `name`, for commands that take it outside `train`."""
+    return _FIELDS[name].metadata["help"]
+
+
+def field_type(name: str) -> Any:
+    """The type of a value given for field `name`: `str` for `str | None`, else as declared."""
+    kind = _TYPES[name]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return next(t for t in typing.get_args(kind) if t is not type(None))
+    return kind
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_TYPES = typing.get_type_hints(Config)
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -129,17 +152,16 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 def build_config(*layers: Mapping[str, Any]) -> Config:
     """Merges layers left to right (later wins; None means 'not given') into a `Config`."""
-    known = {f.name: f for f in dataclasses.fields(Config)}
     merged: dict[str, Any] = {}
     for layer in layers:
         for key, value in layer.items():
-            if key not in known:
+            if key not in _FIELDS:
                 raise UserError(
-                    f"unknown config key {key!r}; known keys: {', '.join(sorted(known))}"
+                    f"unknown config key {key!r}; known keys: {', '.join(sorted(_FIELDS))}"
                 )
             if value is not None:
                 merged[key] = value
-    return Config(**{k: _coerce(known[k], v) for k, v in merged.items()})
+    return Config(**{k: _coerce(k, v) for k, v in merged.items()})
 
 
 def config_from(config_file: str | Path | None, flags: Mapping[str, Any]) -> Config:
@@ -148,21 +170,10 @@ def config_from(config_file: str | Path | None, flags: Mapping[str, Any]) -> Con
     return build_config(file_layer, flags)
 
 
-def _coerce(field: dataclasses.Field, value: Any) -> Any:
-    name = field.name
-    if name in ("conv_features", "wandb_tags"):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"{name} must be a list or comma-separated string, got {value!r}")
-        if name == "conv_features":
-            try:
-                return tuple(int(v) for v in value)
-            except (TypeError, ValueError):
-                raise UserError(f"conv_features must be integers, got {value!r}") from None
-        return tuple(str(v) for v in value)
-    default = field.default
-    expected = type(default) if default is not None else str
+def _coerce(name: str, value: Any) -> Any:
+    expected = field_type(name)
+    if typing.get_origin(expected) is tuple:
+        return _coerce_items(name, typing.get_args(expected)[0], value)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, bool) or not isinstance(value, expected):
@@ -170,23 +181,30 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
     return value
 
 
+_ITEM_NOUNS = {int: "integers", float: "numbers", str: "strings"}
+
+
+def _coerce_items(name: str, item: type, value: Any) -> tuple[Any, ...]:
+    """A tuple field from a TOML list or a comma-separated flag such as `32,64`."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"{name} must be a list or comma-separated string, got {value!r}")
+    try:
+        return tuple(item(v) for v in value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be {_ITEM_NOUNS[item]}, got {value!r}") from None
+
+
 def _validate(c: Config) -> None:
     def bad(message: str) -> UserError:
         return UserError(message)
 
-    choices = {
-        "dataset": DATASETS,
-        "source": SOURCES,
-        "optimizer": OPTIMIZERS,
-        "schedule": SCHEDULES,
-        "norm": NORMS,
-    }
-    for name, allowed in choices.items():
-        value = getattr(c, name)
-        if value not in allowed:
-            raise bad(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")
-    if c.wandb is not None and c.wandb not in WANDB_MODES:
-        raise bad(f"unknown wandb mode {c.wandb!r}; choose one of: {', '.join(WANDB_MODES)}")
+    for field in _FIELDS.values():
+        allowed, value = field.metadata["choices"], getattr(c, field.name)
+        if allowed and value not in allowed and (value is not None or field.default is not None):
+            what = "wandb mode" if field.name == "wandb" else field.name
+            raise bad(f"unknown {what} {value!r}; choose one of: {', '.join(allowed)}")
     if not (math.isfinite(c.lr) and c.lr > 0):
         raise bad(f"lr must be a positive number, got {c.lr}")
     for name in ("batch_size", "epochs", "eval_batch_size", "dense_features", "log_every"):

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
+import click
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from cli import app
+from mnist_jax.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -128,3 +133,68 @@ def test_a_bad_wandb_mode_is_reported_before_a_run_directory_exists(tmp_path, mn
     )
     assert result.exit_code == 2 and "WANDB_MODE" in result.output
     assert not list(tmp_path.iterdir())
+
+
+def train_options() -> dict[str, click.Option]:
+    command = typer.main.get_command(app).commands["train"]
+    return {p.name: p for p in command.params}
+
+
+def test_every_config_field_is_a_train_flag_with_its_help():
+    options = train_options()
+    renamed = {f"wandb_{n}": f"--{n}" for n in ("project", "entity", "tags", "group", "notes")}
+    for field in dataclasses.fields(Config):
+        option = options.pop(field.name)
+        flag = renamed.get(field.name, "--" + field.name.replace("_", "-"))
+        assert option.opts == [flag], field.name
+        assert option.help == field.metadata["help"] and option.help, field.name
+        assert option.default is None and not option.required, field.name
+    assert sorted(options) == ["config", "resume"]
+
+
+def test_train_help_lists_every_flag():
+    result = invoke("train", "--help")
+    assert result.exit_code == 0
+    for option in train_options().values():
+        assert option.opts[0] in result.output
+
+
+@pytest.fixture
+def fake_train(monkeypatch):
+    """`train` without training: records the `Config` given to fit and the flags given to resume."""
+    calls: list[object] = []
+    module = types.ModuleType("mnist_jax.train")
+    module.fit = lambda config: calls.append(config) or 0
+    module.resume = lambda run_dir, flags: calls.append((run_dir, flags)) or 0
+    monkeypatch.setitem(sys.modules, "mnist_jax.train", module)
+    return calls
+
+
+def test_flags_parse_into_typed_config_values(fake_train, tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text('optimizer = "sgd"\nlr = 0.2\nepochs = 4\n')
+    result = invoke(
+        "train", "--config", str(path), "--lr", "0.05", "--conv-features", "8, 16",
+        "--tags", "a,b", "--data-dir", str(tmp_path), "--runs-dir", "out", "--seed", "7",
+        "--project", "p", "--wandb", "offline",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    [config] = fake_train
+    assert config.lr == 0.05 and isinstance(config.lr, float)  # the flag beats the file
+    assert config.optimizer == "sgd" and config.epochs == 4  # the file beats the defaults
+    assert config.batch_size == Config().batch_size  # not given anywhere: the default
+    assert config.conv_features == (8, 16) and config.wandb_tags == ("a", "b")
+    assert config.data_dir == str(tmp_path) and config.runs_dir == "out"  # str, not Path
+    assert (config.seed, config.wandb_project, config.wandb) == (7, "p", "offline")
+
+
+def test_resume_receives_every_flag_with_none_for_those_not_given(fake_train, tmp_path):
+    result = invoke("train", "--resume", str(tmp_path), "--data-dir", "elsewhere", "--epochs", "9")
+    assert result.exit_code == 0, result.output
+    [(run_dir, flags)] = fake_train
+    assert run_dir == tmp_path
+    assert set(flags) == {f.name for f in dataclasses.fields(Config)}
+    assert {k: v for k, v in flags.items() if v is not None} == {
+        "data_dir": "elsewhere",
+        "epochs": 9,
+    }

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 import pytest
 
-from mnist_jax.config import Config, build_config, config_from
+from mnist_jax.config import Config, build_config, config_from, field_help, field_type
 from mnist_jax.errors import UserError
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -85,3 +86,24 @@ def test_replace_revalidates():
     with pytest.raises(UserError):
         Config().replace(batch_size=-3)
     assert Config().replace(lr=0.5).lr == 0.5
+
+
+def test_every_field_has_help_and_choices_are_listed_in_it():
+    for field in dataclasses.fields(Config):
+        assert field_help(field.name) == field.metadata["help"] and field.metadata["help"]
+        for choice in field.metadata["choices"]:
+            assert choice in field.metadata["help"], (field.name, choice)
+    assert field_help("optimizer") == "Optimizer: one of adam, adamw, sgd, momentum."
+
+
+def test_field_types_drive_coercion():
+    assert (field_type("lr"), field_type("name"), field_type("wandb_tags")) == (
+        float,
+        str,
+        tuple[str, ...],
+    )
+    config = build_config({"lr": 1, "wandb_tags": ["x", 2], "conv_features": "4,8"})
+    assert config.lr == 1.0 and isinstance(config.lr, float)
+    assert config.wandb_tags == ("x", "2") and config.conv_features == (4, 8)
+    with pytest.raises(UserError, match="name must be str"):
+        build_config({"name": 3})
