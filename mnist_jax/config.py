@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mnist_jax.data.registry import DATASETS, SOURCES
 from mnist_jax.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -22,8 +23,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-DATASETS = ("mnist", "fashion_mnist", "kmnist")
-SOURCES = ("auto", "local", "download", "tfds")
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
 SCHEDULES = ("constant", "cosine", "onecycle")
 NORMS = ("none", "batch", "layer")

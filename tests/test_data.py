@@ -344,7 +344,7 @@ def test_second_load_comes_from_cache(small_dir: Path, monkeypatch: pytest.Monke
     def no_parsing(*args, **kwargs):
         raise AssertionError("parsed although cached")
 
-    monkeypatch.setattr(data, "_parse_idx", no_parsing)
+    monkeypatch.setattr("mnist_jax.data.idx._parse_idx", no_parsing)
     second = load_quiet("mnist", small_dir)
     assert_same(first, second)
     assert "cached" in second.origin and "cached" not in first.origin
@@ -360,7 +360,7 @@ def test_cache_goes_to_cache_root_when_dir_is_read_only(
         assert sorted(p.name for p in small_dir.iterdir()) == before
         cached = list((isolated / "parsed").glob("mnist-*.npz"))
         assert len(cached) == 1
-        monkeypatch.setattr(data, "_parse_idx", None)
+        monkeypatch.setattr("mnist_jax.data.idx._parse_idx", None)
         assert_same(first, load_quiet("mnist", small_dir))
     finally:
         small_dir.chmod(0o755)
@@ -408,7 +408,7 @@ def test_failed_cache_write_leaves_nothing(
         f.write(b"PK\x03\x04 partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(data.np, "savez", half_write)
+    monkeypatch.setattr("mnist_jax.data.cache.np.savez", half_write)
     ds = load_quiet("mnist", small_dir)
     assert len(ds.train) == 50
     leftovers = [p for p in small_dir.rglob("*") if not p.name.endswith("-ubyte.gz")]
