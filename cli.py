@@ -72,8 +72,10 @@ def config_options(fn: F) -> F:
 
 def _config_option(field: dataclasses.Field) -> inspect.Parameter:
     flag = field.metadata["flag"] or "--" + field.name.replace("_", "-")
-    option = typer.Option(flag, help=field.metadata["help"], show_default=False)
     kind = field_type(field.name)
+    if kind is bool:  # a switch both ways, so a flag can override an experiment file
+        flag = f"{flag}/--no-{flag.removeprefix('--')}"
+    option = typer.Option(flag, help=field.metadata["help"], show_default=False)
     if field.metadata["path"]:
         kind = Path
     elif typing.get_origin(kind) is tuple:

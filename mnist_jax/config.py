@@ -68,6 +68,7 @@ class Config:
     train_examples: int = option(0, "Train on only the first N training images (0: all of them).")
     test_examples: int = option(0, "Evaluate on only the first N test images (0: all of them).")
     # model: the classic conv32-conv64-dense256-dense10 CNN
+    model: str = option("cnn", "Model by name (see mnist_jax.models): cnn, the classic CNN.")
     conv_features: tuple[int, ...] = option(
         (32, 64), "Output channels of each 3x3 convolution block, e.g. 32,64."
     )
@@ -109,6 +110,7 @@ class Config:
     wandb_tags: tuple[str, ...] = option((), "W&B tags, comma-separated.", flag="--tags")
     wandb_group: str | None = option(None, "W&B group.", flag="--group")
     wandb_notes: str | None = option(None, "W&B notes.", flag="--notes")
+    tensorboard: bool = option(False, "Also write TensorBoard event files (needs tensorboardX).")
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -175,6 +177,8 @@ def _coerce(name: str, value: Any) -> Any:
         return _coerce_items(name, typing.get_args(expected)[0], value)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is bool and isinstance(value, bool):
+        return value
     if isinstance(value, bool) or not isinstance(value, expected):
         raise UserError(f"{name} must be {expected.__name__}, got {value!r}")
     return value

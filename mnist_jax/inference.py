@@ -11,13 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mnist_jax import data as data_lib
 from mnist_jax import images as images_lib
-from mnist_jax import metrics, steps
+from mnist_jax import metrics, parallel, steps
 from mnist_jax.checkpoint import Checkpoints
 from mnist_jax.config import build_config
 from mnist_jax.errors import UserError
@@ -40,9 +38,10 @@ def restore_run(run_dir: str | Path, overrides: dict[str, Any] | None = None) ->
     """The run's model with the weights of its best (else last) checkpoint; reads only."""
     record = RunRecord.open(run_dir)
     config = build_config(record.read_config()["config"], overrides or {})
-    class_names = data_lib.CLASS_NAMES[config.dataset]
-    built = steps.build(config, len(class_names), total_steps=1)
-    template = {"state": built.init_state, "epoch_sums": steps.TrainSums.zeros()}
+    spec = data_lib.spec(config.dataset)
+    class_names = spec.class_names
+    built = steps.build(config, spec, total_steps=1)
+    template = {"state": parallel.compile(built.init)(), "sums": steps.Sums.zeros()}
     problems = []
     if record.checkpoints_dir.is_dir():
         checkpoints = Checkpoints(record.checkpoints_dir, read_only=True)
@@ -81,16 +80,13 @@ def evaluate_run(
     if limit:
         part = data_lib.Split(part.images[:limit], part.labels[:limit])
     batches = steps.eval_data(part.images, part.labels, config.eval_batch_size)
-    evaluate = steps.make_evaluate(restored.built, restored.state, batches)
-    sums, probs_NxC = evaluate(restored.state, batches)
-    summary = jax.jit(metrics.classification_summary)(
-        sums.confusion, probs_NxC, jnp.asarray(part.labels, jnp.int32)
-    )
+    evaluate = parallel.jit(steps.evaluate(restored.built, batches.num_examples))
+    sums, _, summary = parallel.fetch(evaluate(restored.state, batches))
     loss = float(sums.loss_sum) / int(sums.count)
     result = {
         "checkpoint": restored.kind,
         "step": restored.step,
-        **metrics.to_record(split, jax.device_get(summary), sums.confusion, loss),
+        **metrics.to_record(split, summary, sums.confusion, loss),
     }
     write_json_atomic(Path(run_dir) / EVAL_FILE, result)
     return result
@@ -116,13 +112,12 @@ def predict_files(
         except UserError as e:
             results.append(Prediction(str(path), error=str(e)))
     if loaded:
-        batch_NxHxW = jnp.asarray(np.stack([image for _, image in loaded]))
-        labels = jnp.zeros(len(loaded), jnp.int32)
-        mask = jnp.ones(len(loaded), bool)
-        _, probs_NxC = jax.jit(restored.built.eval_step)(
-            restored.state, (batch_NxHxW, labels), mask
+        batch_NxHxW = np.stack([image for _, image in loaded])
+        labels = np.zeros(len(loaded), np.int32)
+        mask = np.ones(len(loaded), bool)
+        _, probs_NxC = parallel.fetch(
+            parallel.jit(restored.built.eval_step)(restored.state, (batch_NxHxW, labels), mask)
         )
-        probs_NxC = np.asarray(probs_NxC)
         names = restored.class_names
         for (path, _), probs in zip(loaded, probs_NxC, strict=True):
             order = np.argsort(-probs)[:top_k]

@@ -463,3 +463,12 @@ def to_record(
             np.asarray(confusion_CxC).astype(int).tolist()
         )
     return record
+
+
+def train_record(loss_sum: Any, correct: Any, count: Any) -> dict[str, float]:
+    """Training loss and accuracy from the sums kept on the device, divided once."""
+    count = int(count)
+    return {
+        metric_key("train", "loss"): float(loss_sum) / count,
+        metric_key("train", "accuracy"): int(correct) / count,
+    }

@@ -1,15 +1,18 @@
 """Train state, optimizer, and the pure train and eval steps.
 
-`train_step(state, batch, rng)` and `eval_step(state, batch, mask)` are pure functions. What the
-loop compiles is `train_chunk`: K train steps (K = `steps_per_call`) that gather their batches on
-the device from the epoch's permutation, so one dispatch carries no host data at all. Training
-metrics are accumulated as sums on the device and divided once, at log time.
+`train_step(state, batch, rng)` and `eval_step(state, batch, mask)` are pure functions, and so is
+everything built from them here: `train_chunk` (K train steps that gather their batches on the
+device from the epoch's permutation, so one call carries no host data) and `evaluate` (a whole
+padded split: counts, probabilities and every metric). Nothing here compiles or places data:
+`mnist_jax.parallel` does. Training metrics are accumulated as sums on the device and divided
+once, at log time.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +21,10 @@ from flax import nnx
 
 from mnist_jax import metrics
 from mnist_jax.config import Config
-from mnist_jax.model import create_model, preprocess
+from mnist_jax.models import create_model, preprocess
+
+if TYPE_CHECKING:
+    from mnist_jax.data.registry import DatasetSpec
 
 PERMUTATION_STREAM = 1
 STEP_STREAM = 2
@@ -47,6 +53,27 @@ class TrainSums(NamedTuple):
             jnp.zeros((), jnp.int32),
             jnp.full((), -1, jnp.int32),
         )
+
+    def add(self, loss: jax.Array, correct: jax.Array, count: int, step: jax.Array) -> TrainSums:
+        bad = ~jnp.isfinite(loss)
+        return TrainSums(
+            loss_sum=self.loss_sum + loss * count,
+            correct=self.correct + correct,
+            count=self.count + count,
+            first_bad_step=jnp.where((self.first_bad_step < 0) & bad, step, self.first_bad_step),
+        )
+
+
+class Sums(NamedTuple):
+    """The sums training keeps on the device: since the epoch began and since the last log
+    event. Both are part of a checkpoint, so a resumed run logs exactly what it would have."""
+
+    epoch: TrainSums
+    interval: TrainSums
+
+    @staticmethod
+    def zeros() -> Sums:
+        return Sums(TrainSums.zeros(), TrainSums.zeros())
 
 
 class EvalSums(NamedTuple):
@@ -104,25 +131,36 @@ def make_optimizer(config: Config, schedule: optax.Schedule) -> optax.GradientTr
 
 
 class Steps(NamedTuple):
-    """The pure functions and initial state for one config: built once, compiled by the caller."""
+    """The pure functions of one config: built once, compiled by `mnist_jax.parallel`."""
 
+    config: Config
+    spec: DatasetSpec
     schedule: optax.Schedule
-    init_state: TrainState
+    init: Callable[[], TrainState]  # the initial state, as one function of nothing
     train_step: Callable[..., Any]
     eval_step: Callable[..., Any]
 
+    @property
+    def init_state(self) -> TrainState:
+        """The initial state, computed eagerly (the trainer compiles `init` instead)."""
+        return self.init()
 
-def build(config: Config, num_classes: int, total_steps: int) -> Steps:
-    """Model, optimizer, initial state and the pure step functions for `config`."""
-    model = create_model(config, num_classes)
-    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+
+def build(config: Config, spec: DatasetSpec, total_steps: int) -> Steps:
+    """Model, optimizer, initial state and the pure step functions for `config` on `spec`."""
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: create_model(config, spec)))
     schedule = make_schedule(config, total_steps)
     optimizer = make_optimizer(config, schedule)
-    state = TrainState(jnp.zeros((), jnp.int32), params, model_state, optimizer.init(params))
+    num_classes = spec.num_classes
+
+    def init() -> TrainState:
+        _, params, model_state = nnx.split(create_model(config, spec), nnx.Param, ...)
+        return TrainState(jnp.zeros((), jnp.int32), params, model_state, optimizer.init(params))
 
     def forward(params, model_state, images_BxHxW, *, train, dropout_key=None):
         module = nnx.merge(graphdef, params, model_state, copy=True)
-        logits_BxC = module(preprocess(images_BxHxW), train=train, dropout_key=dropout_key)
+        inputs = preprocess(images_BxHxW, spec)
+        logits_BxC = module(inputs, train=train, dropout_key=dropout_key)
         _, _, new_model_state = nnx.split(module, nnx.Param, ...)
         return logits_BxC, new_model_state
 
@@ -160,7 +198,7 @@ def build(config: Config, num_classes: int, total_steps: int) -> Steps:
         )
         return sums, jax.nn.softmax(logits_BxC)
 
-    return Steps(schedule, state, train_step, eval_step)
+    return Steps(config, spec, schedule, init, train_step, eval_step)
 
 
 def epoch_permutation(seed: int, epoch: int, num_examples: int) -> jax.Array:
@@ -174,31 +212,24 @@ def step_key(seed: int, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), STEP_STREAM), step)
 
 
-def make_train_chunk(steps: Steps, config: Config, steps_per_call: int) -> Callable[..., Any]:
-    """K train steps in one compiled call, batches gathered on the device.
+def train_chunk(steps: Steps, steps_per_call: int) -> Callable[..., tuple[TrainState, Sums]]:
+    """K train steps as one function, batches gathered on the device.
 
-    Arguments: (state, sums, images_NxHxW, labels_N, permutation_N, first_index). The state and
-    sums are donated. K = 1 runs at top level; K > 1 runs under `lax.scan` (on XLA:CPU a scanned
-    convolution gradient is much slower, on GPU/TPU the per-call dispatch is what costs).
+    Arguments: (state, sums, images_NxHxW, labels_N, permutation_N, first_index); compile it
+    with the state and sums donated. K = 1 runs at top level; K > 1 runs under `lax.scan` (on
+    XLA:CPU a scanned convolution gradient is much slower, on GPU/TPU the per-call dispatch is
+    what costs).
     """
-    batch_size = config.batch_size
+    batch_size, seed = steps.config.batch_size, steps.config.seed
 
     def chunk(state, sums, images_NxHxW, labels_N, permutation_N, first_index):
         def one(carry, index):
             state, sums = carry
             rows_B = jax.lax.dynamic_slice_in_dim(permutation_N, index * batch_size, batch_size)
             batch = (images_NxHxW[rows_B], labels_N[rows_B])
-            state_next, out = steps.train_step(state, batch, step_key(config.seed, state.step))
-            bad = ~jnp.isfinite(out["loss"])
-            sums = TrainSums(
-                loss_sum=sums.loss_sum + out["loss"] * batch_size,
-                correct=sums.correct + out["correct"],
-                count=sums.count + batch_size,
-                first_bad_step=jnp.where(
-                    (sums.first_bad_step < 0) & bad, state_next.step, sums.first_bad_step
-                ),
-            )
-            return (state_next, sums), None
+            state_next, out = steps.train_step(state, batch, step_key(seed, state.step))
+            added = (out["loss"], out["correct"], batch_size, state_next.step)
+            return (state_next, Sums(sums.epoch.add(*added), sums.interval.add(*added))), None
 
         if steps_per_call == 1:
             (state, sums), _ = one((state, sums), first_index)
@@ -208,11 +239,11 @@ def make_train_chunk(steps: Steps, config: Config, steps_per_call: int) -> Calla
         return state, sums
 
     chunk.__name__ = f"train_chunk_{steps_per_call}"
-    return jax.jit(chunk, donate_argnums=(0, 1))
+    return chunk
 
 
 class EvalData(NamedTuple):
-    """A split padded to whole eval batches, on the device: no image is dropped."""
+    """A split padded to whole eval batches: no image is dropped."""
 
     images_KxBxHxW: jax.Array
     labels_KxB: jax.Array
@@ -221,35 +252,48 @@ class EvalData(NamedTuple):
 
 
 def eval_data(images_NxHxW: Any, labels_N: Any, batch_size: int) -> EvalData:
-    """Pads to a multiple of `batch_size` (padding masked out) and moves to the device once."""
+    """Pads to a multiple of `batch_size`, the padding masked out (host arrays in, host out)."""
+    import numpy as np
+
     n = len(labels_N)
     batch_size = max(1, min(batch_size, n))  # never pad a small split up to a large batch
     batches = -(-n // batch_size)
     pad = batches * batch_size - n
-    images = jnp.pad(jnp.asarray(images_NxHxW), ((0, pad), (0, 0), (0, 0)))
-    labels = jnp.pad(jnp.asarray(labels_N, jnp.int32), (0, pad))
-    mask = jnp.arange(batches * batch_size) < n
+    images = np.asarray(images_NxHxW)
+    images = np.pad(images, ((0, pad),) + ((0, 0),) * (images.ndim - 1))
+    labels = np.pad(np.asarray(labels_N, np.int32), (0, pad))
+    mask = np.arange(batches * batch_size) < n
     shape = (batches, batch_size)
     return EvalData(
         images.reshape(shape + images.shape[1:]), labels.reshape(shape), mask.reshape(shape), n
     )
 
 
-def make_evaluate(
-    steps: Steps, state: TrainState, data: EvalData
-) -> Callable[[TrainState, EvalData], tuple[EvalSums, jax.Array]]:
-    """Evaluation of a whole split (compiled now, for `state`'s and `data`'s shapes): counts
-    summed over the batches, probabilities stacked."""
-    first = (data.images_KxBxHxW[0], data.labels_KxB[0])
-    eval_step = jax.jit(steps.eval_step).lower(state, first, data.mask_KxB[0]).compile()
+class Evaluation(NamedTuple):
+    sums: EvalSums
+    probs_NxC: jax.Array
+    summary: dict[str, jax.Array]  # metrics.classification_summary of the split
 
-    def evaluate(state: TrainState, data: EvalData) -> tuple[EvalSums, jax.Array]:
-        total, probs = None, []
-        for k in range(data.images_KxBxHxW.shape[0]):
-            batch = (data.images_KxBxHxW[k], data.labels_KxB[k])
-            sums, probs_BxC = eval_step(state, batch, data.mask_KxB[k])
-            total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-            probs.append(probs_BxC)
-        return total, jnp.concatenate(probs)[: data.num_examples]
 
-    return evaluate
+def evaluate(steps: Steps, num_examples: int) -> Callable[[TrainState, EvalData], Evaluation]:
+    """Evaluation of a whole padded split of `num_examples` images as one function: counts
+    summed over the batches, probabilities stacked, and every metric from them."""
+    c = steps.spec.num_classes
+
+    def one(state, total, batch):
+        images_BxHxW, labels_B, mask_B = batch
+        sums, probs_BxC = steps.eval_step(state, (images_BxHxW, labels_B), mask_B)
+        return jax.tree.map(jnp.add, total, sums), probs_BxC
+
+    def run(state: TrainState, data: EvalData) -> Evaluation:
+        zeros = EvalSums(
+            jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((c, c), jnp.int32)
+        )
+        batches = (data.images_KxBxHxW, data.labels_KxB, data.mask_KxB)
+        sums, probs_KxBxC = jax.lax.scan(functools.partial(one, state), zeros, batches)
+        probs_NxC = probs_KxBxC.reshape(-1, c)[:num_examples]
+        labels_N = data.labels_KxB.reshape(-1)[:num_examples]
+        summary = metrics.classification_summary(sums.confusion, probs_NxC, labels_N)
+        return Evaluation(sums, probs_NxC, summary)
+
+    return run

@@ -75,9 +75,15 @@ class RunRecord:
 
     @classmethod
     def create(
-        cls, runs_dir: str | Path, name: str, config: Mapping[str, Any], environment: Mapping
+        cls,
+        runs_dir: str | Path,
+        name: str,
+        config: Mapping[str, Any],
+        environment: Mapping,
+        model: Mapping[str, Any] | None = None,
     ) -> RunRecord:
-        """Makes a new run directory; an existing run is never overwritten."""
+        """Makes a new run directory; an existing run is never overwritten. `model` is the
+        model's own description (layers, parameters, FLOPs)."""
         run_dir = Path(runs_dir) / name
         try:
             run_dir.mkdir(parents=True, exist_ok=False)
@@ -89,9 +95,8 @@ class RunRecord:
         except OSError as e:
             raise UserError(f"cannot create run directory {run_dir}: {e.strerror}") from None
         record = cls(run_dir)
-        write_json_atomic(
-            record.config_path, {"config": dict(config), "environment": dict(environment)}
-        )
+        saved = {"config": dict(config), "environment": dict(environment)}
+        write_json_atomic(record.config_path, {**saved, "model": dict(model or {})})
         record.update_summary(status="running")
         return record
 

@@ -1,9 +1,9 @@
-"""`fit(config)`: the training loop that ties data, steps, metrics, checkpoints and tracking.
+"""`fit(config)`: the phases of a training run, tied together and nothing else.
 
-The phases, in order: load the data, open the run record, build and compile the steps, train
-epoch by epoch (evaluate, log, checkpoint at each epoch end), then write the final record.
-Ctrl-C or SIGTERM stops at the next step boundary with a checkpoint; a non-finite loss stops the
-run as `failed` and keeps the last good checkpoint.
+In order: load the data, open the run record, build the `Trainer` (compiled once), open the
+writers, train epoch by epoch (evaluate, log, checkpoint at each epoch end), then write the
+final record. Ctrl-C or SIGTERM stops at the next step boundary with a checkpoint; a non-finite
+loss stops the run as `failed` and keeps the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -19,44 +19,24 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mnist_jax import data as data_lib
-from mnist_jax import metrics, steps
+from mnist_jax import metrics, models, parallel
 from mnist_jax.checkpoint import Checkpoints
 from mnist_jax.config import Config, build_config
 from mnist_jax.errors import UserError
-from mnist_jax.progress import Progress
-from mnist_jax.tracking import RunRecord, default_run_name, write_json_atomic
+from mnist_jax.files import atomic_write, write_json_atomic
+from mnist_jax.tracking import RunRecord, default_run_name
+from mnist_jax.trainer import Trainer
+from mnist_jax.writers import MultiWriter, Writer
+from mnist_jax.writers.progress import Progress
+from mnist_jax.writers.record import RecordWriter
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 RESUME_OVERRIDES = ("data_dir", "source", "wandb", "log_every")
-
-
-def default_steps_per_call(backend: str) -> int:
-    """Measured: on XLA:CPU one step per call is fastest (a scanned convolution gradient is
-    ~25x slower there); on GPU/TPU per-call dispatch dominates, so scan many steps per call."""
-    return 1 if backend == "cpu" else 50
-
-
-@dataclasses.dataclass
-class Position:
-    """Where training stands; everything else (epoch, index in epoch) derives from `step`."""
-
-    step: int
-    steps_per_epoch: int
-    best_accuracy: float = -1.0
-    best_step: int = -1
-
-    @property
-    def epoch(self) -> int:
-        return self.step // self.steps_per_epoch
-
-    @property
-    def index_in_epoch(self) -> int:
-        return self.step % self.steps_per_epoch
+TEST_ACCURACY = metrics.metric_key("test", "accuracy")
+RATE = metrics.metric_key("train", "examples_per_sec")
 
 
 class Stop(Exception):
@@ -73,14 +53,18 @@ class Stop(Exception):
 
 def fit(config: Config) -> int:
     """Trains `config` into a new run directory; returns the process exit code."""
-    from mnist_jax.wandb_mirror import resolve_mode
+    from mnist_jax.writers.wandb import resolve_mode
 
     resolve_mode(config.wandb)  # a bad $WANDB_MODE is reported before anything is written
     dataset = load_data(config)
+    model = models.describe(config, dataset.spec)  # an unknown model, too
+    if config.tensorboard:
+        from mnist_jax.writers.tensorboard import require_tensorboardx
+
+        require_tensorboardx()
     environment = describe_environment()
-    name = config.name or default_run_name(config.dataset)
-    config = config.replace(name=name)
-    record = RunRecord.create(config.runs_dir, name, config.to_dict(), environment)
+    config = config.replace(name=config.name or default_run_name(config.dataset))
+    record = RunRecord.create(config.runs_dir, config.name, config.to_dict(), environment, model)
     print(f"run directory: {record.dir}", flush=True)
     return _run(config, dataset, record, environment, resume=False)
 
@@ -123,20 +107,18 @@ def load_data(config: Config) -> data_lib.Dataset:
 
 def describe_environment() -> dict[str, Any]:
     import flax
+    import jax
     import optax
 
     import mnist_jax
 
-    devices = jax.devices()
     return {
         "mnist_jax": mnist_jax.__version__,
         "jax": jax.__version__,
         "flax": flax.__version__,
         "optax": optax.__version__,
         "python": platform.python_version(),
-        "backend": jax.default_backend(),
-        "device_kind": devices[0].device_kind,
-        "device_count": len(devices),
+        **parallel.describe_devices(),
         "git_commit": _git_commit(),
         "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -170,77 +152,88 @@ def _run(
     *,
     resume: bool,
 ) -> int:
-    from mnist_jax.wandb_mirror import Mirror, start_mirror
-
-    mirror, loop = Mirror(), None
+    writer, loop = MultiWriter([]), None
     with record.writer_lock(), _stop_on_signals() as stop:
         try:
-            loop = _Loop(config, dataset, record)
+            loop = Loop(config, dataset, record, Trainer(config, dataset))
             if resume:
                 loop.restore()
-            mirror = loop.mirror = start_mirror(
-                config, record.dir, dict(environment), resume_id=record.summary.get("wandb/run_id")
-            )
-            record.update_summary(status="running", message=None, **mirror.info)
-            status, message = _train(loop, stop)
+            writer = loop.writer = open_writers(config, record, environment, loop.progress)
+            record.update_summary(status="running", message=None, **writer.info)
+            status, message = loop.train(stop)
             if status == "completed":
                 loop.finish()
             record.update_summary(status=status, message=message, **loop.timings())
         except BaseException as e:
             # Not a planned stop: the record says so before the error goes on up.
             record.update_summary(status="failed", message=f"{type(e).__name__}: {e}")
-            mirror.finish(record.summary, "failed")
+            writer.close("failed", record.summary)
             raise
         finally:
             if loop is not None:
                 loop.checkpoints.close()
-    mirror.finish(record.summary, status)
+    writer.close(status, record.summary)
     print(f"{status}: {record.dir}", flush=True)
     return {"completed": EXIT_OK, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_FAILED)
 
 
-def _train(loop: _Loop, stop: Callable[[], bool]) -> tuple[str, str | None]:
-    """Compiles, then trains epoch by epoch; returns (status, message)."""
-    loop.compile()
-    with Progress(loop.total_steps, loop.steps_per_epoch) as progress:
-        loop.progress = progress
-        progress.start_at(loop.position.step)
-        try:
-            while loop.position.step < loop.total_steps:
-                if stop():
-                    raise Stop.interrupted(loop.position.step)
-                loop.train_epoch(stop)
-                loop.end_epoch()
-        except Stop as e:
-            if e.status == "interrupted":
-                loop.save("last")
-            progress.message(f"{e.status}: {e}")
-            return e.status, str(e)
-    return "completed", None
+def open_writers(
+    config: Config, record: RunRecord, environment: Mapping[str, Any], progress: Progress
+) -> MultiWriter:
+    """The destinations of this run's metrics: the record and the progress display always,
+    TensorBoard when asked, W&B unless disabled (a resumed run continues its W&B run)."""
+    from mnist_jax.writers.wandb import start_mirror
+
+    writers: list[Writer] = [RecordWriter(record), progress]
+    if config.tensorboard:
+        from mnist_jax.writers.tensorboard import TensorBoardWriter
+
+        writers.append(TensorBoardWriter(record.dir))
+    resume_id = record.summary.get("wandb/run_id")
+    writers.append(start_mirror(config, record.dir, dict(environment), resume_id=resume_id))
+    return MultiWriter(writers)
 
 
-class _Loop:
-    """The state of one training run between phases: device data, compiled calls, sums."""
+@dataclasses.dataclass
+class Clock:
+    """The run's wall-clock accounts, over all its segments (a resumed run has several)."""
 
-    def __init__(self, config: Config, dataset: data_lib.Dataset, record: RunRecord) -> None:
-        self.config, self.dataset, self.record = config, dataset, record
-        self.n_train = len(dataset.train.labels)
-        self.steps_per_epoch = self.n_train // config.batch_size
-        self.total_steps = self.steps_per_epoch * config.epochs
-        self.built = steps.build(config, dataset.num_classes, self.total_steps)
-        self.checkpoints = Checkpoints(record.checkpoints_dir)
-        self.state = self.built.init_state
-        self.epoch_sums = steps.TrainSums.zeros()
-        self.log_sums_at = (0, 0.0, 0)  # (step, loss sum, correct) at the last train event
-        self.position = Position(0, self.steps_per_epoch)
-        # Time spent in earlier segments of a resumed run counts towards the run's totals.
-        self.t_segment = time.perf_counter()
-        self.seconds_before = 0.0
-        self.train_seconds = 0.0
-        self.compile_seconds = 0.0
-        self.last_eval: dict[str, Any] | None = None
-        self.mirror: Any = None
-        self.progress: Progress | None = None
+    seconds_before: float = 0.0  # wall time of earlier segments
+    train_seconds: float = 0.0
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    mark_time: float = 0.0
+    mark_step: int = 0
+
+    def elapsed(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def mark(self, step: int) -> None:
+        """Rates are measured from here: steps run in this process since the mark."""
+        self.mark_time, self.mark_step = time.perf_counter(), step
+
+    def examples_per_sec(self, step: int, batch_size: int) -> float:
+        seconds = time.perf_counter() - self.mark_time
+        return (step - self.mark_step) * batch_size / seconds if seconds > 0 else float("nan")
+
+
+@dataclasses.dataclass
+class Loop:
+    """One run between its phases: the trainer, the record, the writers and what to keep
+    (best accuracy, timings, the last evaluation)."""
+
+    config: Config
+    dataset: data_lib.Dataset
+    record: RunRecord
+    trainer: Trainer
+    writer: MultiWriter = dataclasses.field(default_factory=lambda: MultiWriter([]))
+    best_accuracy: float = -1.0
+    best_step: int = -1
+    clock: Clock = dataclasses.field(default_factory=Clock)
+    last_eval: Any = None
+
+    def __post_init__(self) -> None:
+        self.checkpoints = Checkpoints(self.record.checkpoints_dir)
+        self.progress = Progress(self.trainer.total_steps, self.trainer.steps_per_epoch)
 
     # Phase: restore.
     def restore(self) -> None:
@@ -249,90 +242,55 @@ class _Loop:
             raise UserError(
                 f"run {self.record.dir} has no checkpoint to resume from; start a new run"
             )
-        payload, meta = self.checkpoints.restore("last", self._payload())
-        self.state, self.epoch_sums = payload["state"], payload["epoch_sums"]
-        self.position = Position(
-            int(meta["step"]), self.steps_per_epoch, meta["best_accuracy"], meta["best_step"]
-        )
-        self.train_seconds = meta.get("train_seconds", 0.0)
-        self.seconds_before = meta.get("elapsed_seconds", 0.0)
-        self.log_sums_at = tuple(meta["log_sums_at"])
-        self.record.truncate_events(self.position.step)
-        print(f"resuming {self.record.dir} at step {self.position.step}", flush=True)
+        payload, meta = self.checkpoints.restore("last", self.trainer.payload())
+        self.trainer.load(payload, int(meta["step"]))
+        self.best_accuracy, self.best_step = meta["best_accuracy"], meta["best_step"]
+        self.clock.train_seconds = meta.get("train_seconds", 0.0)
+        self.clock.seconds_before = meta.get("elapsed_seconds", 0.0)
+        self.record.truncate_events(self.trainer.step)
+        print(f"resuming {self.record.dir} at step {self.trainer.step}", flush=True)
 
-    # Phase: data onto the device once, compile ahead of time.
-    def compile(self) -> None:
-        config, dataset = self.config, self.dataset
-        self.train_images = jnp.asarray(dataset.train.images)
-        self.train_labels = jnp.asarray(dataset.train.labels, jnp.int32)
-        self.test = steps.eval_data(
-            dataset.test.images, dataset.test.labels, config.eval_batch_size
-        )
-        k = config.steps_per_call or default_steps_per_call(jax.default_backend())
-        self.k = min(k, self.steps_per_epoch)
-        t0 = time.perf_counter()
-        permutation = steps.epoch_permutation(config.seed, 0, self.n_train)
-        args = (
-            self.state,
-            self.epoch_sums,
-            self.train_images,
-            self.train_labels,
-            permutation,
-            jnp.int32(0),
-        )
-        sizes = {self.k, 1} if self.steps_per_epoch % self.k else {self.k}
-        self.chunks = {
-            size: steps.make_train_chunk(self.built, config, size).lower(*args).compile()
-            for size in sizes
-        }
-        self.evaluate = steps.make_evaluate(self.built, self.state, self.test)
-        n_test, c = self.test.num_examples, self.dataset.num_classes
-        self.summarize = (
-            jax.jit(metrics.classification_summary)
-            .lower(
-                jax.ShapeDtypeStruct((c, c), jnp.int32),
-                jax.ShapeDtypeStruct((n_test, c), jnp.float32),
-                jax.ShapeDtypeStruct((n_test,), jnp.int32),
-            )
-            .compile()
-        )
-        self.compile_seconds = time.perf_counter() - t0
+    # Phase: train epoch by epoch; returns (status, message).
+    def train(self, stop: Callable[[], bool]) -> tuple[str, str | None]:
+        trainer = self.trainer
+        with self.progress:
+            self.progress.start_at(trainer.step)
+            try:
+                while trainer.step < trainer.total_steps:
+                    if stop():
+                        raise Stop.interrupted(trainer.step)
+                    self.train_epoch(stop)
+                    self.end_epoch()
+            except Stop as e:
+                if e.status == "interrupted":
+                    self.save("last")
+                self.writer.message(f"{e.status}: {e}")
+                return e.status, str(e)
+        return "completed", None
 
     # Phase: one epoch of training (or what is left of it).
     def train_epoch(self, stop: Callable[[], bool]) -> None:
-        config, position = self.config, self.position
-        permutation = steps.epoch_permutation(config.seed, position.epoch, self.n_train)
+        trainer, log_every = self.trainer, self.config.log_every
         t0 = time.perf_counter()
-        self._t_log = t0
-        while True:
-            remaining = self.steps_per_epoch - position.index_in_epoch
-            size = self.k if remaining >= self.k else 1
-            self.state, self.epoch_sums = self.chunks[size](
-                self.state,
-                self.epoch_sums,
-                self.train_images,
-                self.train_labels,
-                permutation,
-                jnp.int32(position.index_in_epoch),
-            )
-            position.step += size
-            self.progress.advance(position.step)
-            at_epoch_end = position.index_in_epoch == 0
-            crossed_log = position.step // config.log_every != (position.step - size) // (
-                config.log_every
-            )
-            if crossed_log or at_epoch_end:
-                self._log_train()
-            if at_epoch_end:
-                break
-            if stop():
-                self.train_seconds += time.perf_counter() - t0
-                raise Stop.interrupted(position.step)
-        self.train_seconds += time.perf_counter() - t0
+        self.clock.mark(trainer.step)
+        try:
+            while True:
+                before = trainer.step
+                step = trainer.run(trainer.steps_per_call)
+                self.progress.advance(step)
+                at_epoch_end = step % trainer.steps_per_epoch == 0
+                if step // log_every != before // log_every or at_epoch_end:
+                    self.log_train()
+                if at_epoch_end:
+                    return
+                if stop():
+                    raise Stop.interrupted(step)
+        finally:
+            self.clock.train_seconds += time.perf_counter() - t0
 
-    def _log_train(self) -> None:
+    def log_train(self) -> None:
         """A train event over the steps since the last one; catches a non-finite loss."""
-        sums = jax.device_get(self.epoch_sums)
+        sums, step = self.trainer.take_interval(), self.trainer.step
         if sums.first_bad_step >= 0:
             raise Stop(
                 "failed",
@@ -341,122 +299,87 @@ class _Loop:
                 f"{self.config.optimizer}: try a smaller --lr or --grad-clip 1.0 "
                 "(the last good checkpoint is kept)",
             )
-        step0, loss0, correct0 = self.log_sums_at
-        position = self.position
-        steps_done = position.step - step0
-        examples = steps_done * self.config.batch_size
-        # The epoch sums restart at each epoch: the previous event's values count from zero then.
-        epoch_start = position.step - (position.index_in_epoch or self.steps_per_epoch)
-        if step0 <= epoch_start:
-            examples = (position.step - epoch_start) * self.config.batch_size
-            loss0, correct0 = 0.0, 0
-        now = time.perf_counter()
         event = {
-            "step": position.step,
-            "epoch": position.step / self.steps_per_epoch,
-            metrics.metric_key("train", "loss"): (float(sums.loss_sum) - loss0) / examples,
-            metrics.metric_key("train", "accuracy"): (int(sums.correct) - correct0) / examples,
-            metrics.metric_key("train", "lr"): float(self.built.schedule(position.step)),
-            metrics.metric_key("train", "examples_per_sec"): steps_done
-            * self.config.batch_size
-            / (now - self._t_log),
+            "epoch": step / self.trainer.steps_per_epoch,
+            **metrics.train_record(sums.loss_sum, sums.correct, sums.count),
+            metrics.metric_key("train", "lr"): self.trainer.learning_rate(),
+            RATE: self.clock.examples_per_sec(step, self.config.batch_size),
         }
-        self._t_log = now
-        self.log_sums_at = (position.step, float(sums.loss_sum), int(sums.correct))
-        self.record.log(event)
-        self.mirror.log(event)
-        self.progress.train_event(event)
+        self.clock.mark(step)
+        self.writer.write(step, event)
 
     # Phase: epoch end: evaluate, log, checkpoint.
     def end_epoch(self) -> None:
-        position = self.position
-        sums = jax.device_get(self.epoch_sums)
-        test_record = self._evaluate()
-        train = {
-            metrics.metric_key("train", "loss"): float(sums.loss_sum) / int(sums.count),
-            metrics.metric_key("train", "accuracy"): int(sums.correct) / int(sums.count),
-        }
-        event = {"step": position.step, "epoch": position.epoch, **train, **test_record}
+        step, epoch = self.trainer.step, self.trainer.epoch
+        sums = self.trainer.take_epoch()
+        train = metrics.train_record(sums.loss_sum, sums.correct, sums.count)
+        test = self.evaluate()
+        event = {"epoch": epoch, **train, **test}
         event.pop(metrics.metric_key("test", "confusion_matrix"), None)
-        self.record.log(event)
-        self.mirror.log(event)
-        self.progress.epoch_event(event)
-        self.epoch_sums = steps.TrainSums.zeros()
-        accuracy = test_record[metrics.metric_key("test", "accuracy")]
-        if accuracy > position.best_accuracy:
-            position.best_accuracy, position.best_step = accuracy, position.step
+        self.writer.write(step, event)
+        if test[TEST_ACCURACY] > self.best_accuracy:
+            self.best_accuracy, self.best_step = test[TEST_ACCURACY], step
             self.save("best")
         self.save("last")
         self.record.update_summary(
-            step=position.step,
-            epoch=position.epoch,
+            step=step,
+            epoch=epoch,
             **train,
-            **test_record,
-            **{"best/test/accuracy": position.best_accuracy, "best/step": position.best_step},
+            **test,
+            **{"best/test/accuracy": self.best_accuracy, "best/step": self.best_step},
         )
 
-    def _evaluate(self) -> dict[str, Any]:
-        """The whole test split: counts, then every metric; keeps the outputs for the end."""
-        eval_sums, probs_NxC = self.evaluate(self.state, self.test)
-        labels = self.test.labels_KxB.reshape(-1)[: self.test.num_examples]
-        summary = self.summarize(eval_sums.confusion, probs_NxC, labels)
-        loss = float(eval_sums.loss_sum) / int(eval_sums.count)
-        self.last_eval = {"probs": probs_NxC, "confusion": eval_sums.confusion}
-        return metrics.to_record("test", jax.device_get(summary), eval_sums.confusion, loss)
+    def evaluate(self) -> dict[str, Any]:
+        """The whole test split, every metric; keeps the outputs for the final record."""
+        self.last_eval = parallel.fetch(self.trainer.evaluate())
+        sums = self.last_eval.sums
+        loss = float(sums.loss_sum) / int(sums.count)
+        return metrics.to_record("test", self.last_eval.summary, sums.confusion, loss)
 
     # Phase: final record.
     def finish(self) -> None:
         if self.last_eval is None:  # resumed after the last epoch's checkpoint: nothing ran
-            self._evaluate()
-        probs = np.asarray(self.last_eval["probs"], np.float32)
+            self.evaluate()
+        probs = np.asarray(self.last_eval.probs_NxC, np.float32)
         labels = np.asarray(self.dataset.test.labels, np.int32)
-        tmp = self.record.dir / ".predictions.tmp.npz"
-        np.savez_compressed(
-            tmp, probs=probs, labels=labels, indices=np.arange(len(labels), dtype=np.int32)
-        )
-        tmp.replace(self.record.predictions_path)
-        self.mirror.log_evaluation(
+        with atomic_write(self.record.predictions_path) as f:
+            np.savez_compressed(
+                f, probs=probs, labels=labels, indices=np.arange(len(labels), dtype=np.int32)
+            )
+        self.writer.write_evaluation(
             probs,
             labels,
             self.dataset.test.images,
             self.dataset.class_names,
-            np.asarray(self.last_eval["confusion"]),
+            np.asarray(self.last_eval.sums.confusion),
         )
-        best = self.checkpoints.directory / "best" / str(self.position.best_step)
+        best = self.checkpoints.directory / "best" / str(self.best_step)
         metadata = {k: v for k, v in self.record.summary.items() if k.startswith("test/")}
-        self.mirror.log_checkpoint(best, metadata)
+        self.writer.write_checkpoint(best, metadata)
 
     def save(self, kind: str) -> None:
-        if self.checkpoints.latest_step(kind) == self.position.step:
+        step = self.trainer.step
+        if self.checkpoints.latest_step(kind) == step:
             return  # e.g. a signal right at an epoch end, whose checkpoint is already written
         meta = {
-            "step": self.position.step,
-            "best_accuracy": self.position.best_accuracy,
-            "best_step": self.position.best_step,
-            "log_sums_at": list(self.log_sums_at),
-            "train_seconds": self.train_seconds,
-            "elapsed_seconds": self.elapsed_seconds(),
+            "step": step,
+            "best_accuracy": self.best_accuracy,
+            "best_step": self.best_step,
+            "train_seconds": self.clock.train_seconds,
+            "elapsed_seconds": self.clock.elapsed(),
         }
-        self.checkpoints.save(kind, self.position.step, self._payload(), meta)
-
-    def _payload(self) -> dict[str, Any]:
-        return {"state": self.state, "epoch_sums": self.epoch_sums}
-
-    def elapsed_seconds(self) -> float:
-        """Wall time of the run so far, over all its segments (a resumed run has several)."""
-        return self.seconds_before + time.perf_counter() - self.t_segment
+        self.checkpoints.save(kind, step, self.trainer.payload(), meta)
 
     def timings(self) -> dict[str, Any]:
         """The run's totals over all its segments."""
-        examples = self.position.step * self.config.batch_size
+        examples = self.trainer.step * self.config.batch_size
+        seconds = self.clock.train_seconds
         return {
-            "step": self.position.step,
-            "time/compile_seconds": self.compile_seconds,
-            "time/train_seconds": self.train_seconds,
-            "time/total_seconds": self.elapsed_seconds(),
-            metrics.metric_key("train", "examples_per_sec"): (
-                examples / self.train_seconds if self.train_seconds else None
-            ),
+            "step": self.trainer.step,
+            "time/compile_seconds": self.trainer.compile_seconds,
+            "time/train_seconds": seconds,
+            "time/total_seconds": self.clock.elapsed(),
+            RATE: examples / seconds if seconds else None,
         }
 
 

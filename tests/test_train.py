@@ -14,7 +14,9 @@ import pytest
 from mnist_jax import data, steps, train
 from mnist_jax.checkpoint import Checkpoints
 from mnist_jax.config import Config
-from mnist_jax.progress import Progress
+from mnist_jax.writers.progress import Progress
+
+MNIST = data.spec("mnist")
 
 # Loss of the default model (seed 0) on the first 128 training images, before and after one
 # Adam step: a change here means the model, its initialisation or the optimizer changed.
@@ -47,7 +49,7 @@ def first_batch(dataset: data.Dataset, n: int = 128):
 
 
 def test_one_step_lowers_the_loss_and_matches_golden_values(mnist):
-    built = steps.build(Config(), mnist.num_classes, total_steps=100)
+    built = steps.build(Config(), mnist.spec, total_steps=100)
     step = jax.jit(built.train_step)
     batch = first_batch(mnist)
     state, out1 = step(built.init_state, batch, steps.step_key(0, 0))
@@ -59,7 +61,7 @@ def test_one_step_lowers_the_loss_and_matches_golden_values(mnist):
 
 
 def test_jitted_step_equals_eager_step(mnist):
-    built = steps.build(Config(conv_features=(4,), dense_features=8), 10, total_steps=10)
+    built = steps.build(Config(conv_features=(4,), dense_features=8), MNIST, total_steps=10)
     batch = first_batch(mnist, 32)
     key = steps.step_key(0, 0)
     eager_state, eager = built.train_step(built.init_state, batch, key)
@@ -72,18 +74,19 @@ def test_jitted_step_equals_eager_step(mnist):
 def test_scanned_chunk_equals_single_steps(mnist):
     """K steps under lax.scan reach the same state as K separate calls."""
     config = Config(conv_features=(4,), dense_features=8, batch_size=32)
-    built = steps.build(config, 10, total_steps=8)
+    built = steps.build(config, MNIST, total_steps=8)
     images, labels = jnp.asarray(mnist.train.images[:256]), jnp.asarray(mnist.train.labels[:256])
     permutation = steps.epoch_permutation(0, 0, 256)
-    one = steps.make_train_chunk(built, config, 1)
-    four = steps.make_train_chunk(built, config, 4)
+    one = jax.jit(steps.train_chunk(built, 1), donate_argnums=(0, 1))
+    four = jax.jit(steps.train_chunk(built, 4), donate_argnums=(0, 1))
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731 - inputs are donated
-    state_a, sums_a = copy(built.init_state), steps.TrainSums.zeros()
+    state_a, sums_a = copy(built.init_state), steps.Sums.zeros()
     for i in range(4):
         state_a, sums_a = one(state_a, sums_a, images, labels, permutation, jnp.int32(i))
     state_b, sums_b = four(
-        copy(built.init_state), steps.TrainSums.zeros(), images, labels, permutation, jnp.int32(0)
+        copy(built.init_state), steps.Sums.zeros(), images, labels, permutation, jnp.int32(0)
     )
+    sums_a, sums_b = sums_a.epoch, sums_b.epoch
     np.testing.assert_allclose(sums_a.loss_sum, sums_b.loss_sum, rtol=1e-5)
     assert int(sums_a.correct) == int(sums_b.correct) and int(sums_b.count) == 128
     for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b), strict=True):
@@ -92,12 +95,12 @@ def test_scanned_chunk_equals_single_steps(mnist):
 
 def test_eval_counts_every_image_with_a_padded_last_batch(mnist):
     config = Config(conv_features=(4,), dense_features=8)
-    built = steps.build(config, 10, total_steps=1)
+    built = steps.build(config, MNIST, total_steps=1)
     n = 997  # not a multiple of the eval batch: the last batch is padded and masked
     split = steps.eval_data(mnist.test.images[:n], mnist.test.labels[:n], batch_size=100)
     assert split.images_KxBxHxW.shape[:2] == (10, 100)
-    evaluate = steps.make_evaluate(built, built.init_state, split)
-    sums, probs = evaluate(built.init_state, split)
+    evaluate = jax.jit(steps.evaluate(built, split.num_examples))
+    sums, probs, _ = evaluate(built.init_state, split)
     assert int(sums.count) == n and int(sums.confusion.sum()) == n
     predictions = np.asarray(probs).argmax(-1)
     assert probs.shape == (n, 10)
@@ -204,14 +207,14 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tiny, monkeypatch, at
 
 
 def test_a_non_finite_loss_fails_the_run_and_keeps_the_last_good_checkpoint(tiny, monkeypatch):
-    end_epoch = train._Loop.end_epoch
+    end_epoch = train.Loop.end_epoch
 
     def diverge_after_first_epoch(self):
         end_epoch(self)
-        params = jax.tree.map(lambda x: x * jnp.nan, self.state.params)
-        self.state = self.state._replace(params=params)
+        params = jax.tree.map(lambda x: x * jnp.nan, self.trainer.state.params)
+        self.trainer.state = self.trainer.state._replace(params=params)
 
-    monkeypatch.setattr(train._Loop, "end_epoch", diverge_after_first_epoch)
+    monkeypatch.setattr(train.Loop, "end_epoch", diverge_after_first_epoch)
     config = tiny.replace(name="nan")
     assert train.fit(config) == train.EXIT_FAILED
     summary = run_summary(config)
@@ -219,8 +222,8 @@ def test_a_non_finite_loss_fails_the_run_and_keeps_the_last_good_checkpoint(tiny
     assert "non-finite at step 9" in summary["message"] and "--lr" in summary["message"]
     checkpoints = Checkpoints(config_run_dir(config) / "checkpoints")
     assert checkpoints.latest_step("last") == 8  # the end of epoch 1, before the divergence
-    built = steps.build(config, 10, total_steps=16)
-    template = {"state": built.init_state, "epoch_sums": steps.TrainSums.zeros()}
+    built = steps.build(config, MNIST, total_steps=16)
+    template = {"state": built.init_state, "sums": steps.Sums.zeros()}
     restored, meta = checkpoints.restore("last", template)
     assert meta["step"] == 8
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored["state"]))
@@ -249,7 +252,7 @@ def test_a_run_directory_is_never_overwritten(tiny):
 
 
 def test_checkpoint_round_trip_restores_every_array(tmp_path, mnist):
-    built = steps.build(Config(conv_features=(4,), dense_features=8, norm="batch"), 10, 10)
+    built = steps.build(Config(conv_features=(4,), dense_features=8, norm="batch"), MNIST, 10)
     state, _ = jax.jit(built.train_step)(
         built.init_state, first_batch(mnist, 16), steps.step_key(0, 0)
     )
@@ -285,7 +288,7 @@ def test_an_unexpected_error_is_recorded_before_it_propagates(tiny, monkeypatch)
     def broken(self):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(train._Loop, "end_epoch", broken)
+    monkeypatch.setattr(train.Loop, "end_epoch", broken)
     config = tiny.replace(name="broken", epochs=1)
     with pytest.raises(RuntimeError, match="disk on fire"):
         train.fit(config)

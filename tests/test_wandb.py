@@ -30,10 +30,10 @@ import sklearn.metrics
 import yaml
 from PIL import Image
 
-from mnist_jax import wandb_mirror
 from mnist_jax.config import Config
 from mnist_jax.errors import UserError
-from mnist_jax.wandb_mirror import start_mirror
+from mnist_jax.writers import wandb as wandb_mirror
+from mnist_jax.writers.wandb import start_mirror
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
@@ -318,14 +318,15 @@ def test_disabled_mirror_does_nothing_writes_nothing_and_never_imports_wandb(run
         from pathlib import Path
         import numpy as np
         from mnist_jax.config import Config
-        from mnist_jax.wandb_mirror import Mirror, start_mirror
+        from mnist_jax.writers import Writer
+        from mnist_jax.writers.wandb import start_mirror
         mirror = start_mirror(Config(wandb="disabled"), Path({str(run_dir)!r}), {{}})
-        assert type(mirror) is Mirror and mirror.info == {{}}
-        mirror.log({{"step": 1, "train/loss": 1.0}})
-        mirror.log_evaluation(np.ones((2, 2)), np.zeros(2), np.zeros((2, 3, 3)), ("a", "b"),
+        assert type(mirror) is Writer and mirror.info == {{}}
+        mirror.write(1, {{"step": 1, "train/loss": 1.0}})
+        mirror.write_evaluation(np.ones((2, 2)), np.zeros(2), np.zeros((2, 3, 3)), ("a", "b"),
                               np.eye(2))
-        mirror.log_checkpoint(Path("missing"), {{}})
-        mirror.finish({{"status": "completed"}}, "completed")
+        mirror.write_checkpoint(Path("missing"), {{}})
+        mirror.close("completed", {{"status": "completed"}})
         assert "wandb" not in sys.modules, "wandb was imported"
         """
     )
@@ -362,10 +363,10 @@ def test_offline_mirror_records_config_history_evaluation_checkpoint_and_summary
 
     mirror = start_mirror(config, run_dir, ENVIRONMENT)
     for event in events:
-        mirror.log(event)
-    mirror.log_evaluation(probs, labels, images, CLASS_NAMES, confusion)
-    mirror.log_checkpoint(ckpt, metadata)
-    mirror.finish(summary, "completed")
+        mirror.write(event["step"], event)
+    mirror.write_evaluation(probs, labels, images, CLASS_NAMES, confusion)
+    mirror.write_checkpoint(ckpt, metadata)
+    mirror.close("completed", summary)
 
     logged = read_run(run_dir)
     assert mirror.info == {
@@ -525,11 +526,11 @@ def test_float_images_are_stretched_to_grey_levels():
 def test_first_failure_is_reported_once_then_the_mirror_is_quiet(run_dir, capsys):
     mirror = start_mirror(offline_config(), run_dir, ENVIRONMENT)
     capsys.readouterr()
-    mirror.log(train_event(5, 20))
-    mirror.log_checkpoint(run_dir / "no-such-checkpoint", {})  # fails: nothing to upload
-    mirror.log(train_event(10, 20))
-    mirror.log_evaluation(*synthetic_evaluation(40)[:3], CLASS_NAMES, np.eye(4))
-    mirror.finish({"status": "completed"}, "completed")
+    mirror.write(5, train_event(5, 20))
+    mirror.write_checkpoint(run_dir / "no-such-checkpoint", {})  # fails: nothing to upload
+    mirror.write(10, train_event(10, 20))
+    mirror.write_evaluation(*synthetic_evaluation(40)[:3], CLASS_NAMES, np.eye(4))
+    mirror.close("completed", {"status": "completed"})
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert "could not log the checkpoint" in err[0] and "no-such-checkpoint" in err[0]
@@ -549,8 +550,8 @@ def test_a_failing_wandb_call_never_reaches_training(run_dir, capsys, monkeypatc
 
     monkeypatch.setattr(run, "log", broken)
     for step in (5, 10, 15):
-        mirror.log(train_event(step, 20))
-    mirror.finish({"status": "failed"}, "failed")
+        mirror.write(step, train_event(step, 20))
+    mirror.close("failed", {"status": "failed"})
     err = [line for line in capsys.readouterr().err.splitlines() if "W&B mirror" in line]
     assert err == [
         "W&B mirror stopped: could not log metrics (RuntimeError: service went away); "
@@ -561,16 +562,16 @@ def test_a_failing_wandb_call_never_reaches_training(run_dir, capsys, monkeypatc
 
 def test_resume_continues_the_same_wandb_run(tmp_path, run_dir):
     first = start_mirror(offline_config(), run_dir, ENVIRONMENT)
-    first.log(train_event(5, 20))
-    first.finish({"status": "interrupted"}, "interrupted")
+    first.write(5, train_event(5, 20))
+    first.close("interrupted", {"status": "interrupted"})
     import wandb
 
     wandb.teardown()
     second_dir = tmp_path / "elsewhere"  # only to read the two offline files apart
     second_dir.mkdir()
     resumed = start_mirror(offline_config(), second_dir, ENVIRONMENT, first.info["wandb/run_id"])
-    resumed.log(train_event(10, 20))
-    resumed.finish({"status": "completed"}, "completed")
+    resumed.write(10, train_event(10, 20))
+    resumed.close("completed", {"status": "completed"})
     assert resumed.info["wandb/run_id"] == first.info["wandb/run_id"]
     logged = read_run(second_dir)
     assert logged.run_id == first.info["wandb/run_id"]
@@ -586,9 +587,9 @@ def test_api_key_never_reaches_the_run_directory(run_dir, clean_wandb_env, monke
         "nested": {"auth_token": "t", "host": "cpu"},
     }
     mirror = start_mirror(offline_config(), run_dir, environment)
-    mirror.log(train_event(5, 20))
-    mirror.log_checkpoint(fake_checkpoint(run_dir), {"api_key": FAKE_KEY, "test/accuracy": 0.9})
-    mirror.finish({"status": "completed", "note": FAKE_KEY}, "completed")
+    mirror.write(5, train_event(5, 20))
+    mirror.write_checkpoint(fake_checkpoint(run_dir), {"api_key": FAKE_KEY, "test/accuracy": 0.9})
+    mirror.close("completed", {"status": "completed", "note": FAKE_KEY})
     logged = read_run(run_dir)
     assert logged.config["environment"] == {**ENVIRONMENT, "nested": {"host": "cpu"}}
     leaks = [
@@ -617,11 +618,11 @@ def test_unreachable_server_falls_back_to_offline_quickly_and_reports_once(tmp_p
         import json
         from pathlib import Path
         from mnist_jax.config import Config
-        from mnist_jax.wandb_mirror import start_mirror
+        from mnist_jax.writers.wandb import start_mirror
         mirror = start_mirror(Config(wandb="online"), Path({str(run_dir)!r}), {{"jax": "x"}})
         for step in (5, 10):
-            mirror.log({{"step": step, "train/loss": 1.0 / step}})
-        mirror.finish({{"status": "completed"}}, "completed")
+            mirror.write(step, {{"train/loss": 1.0 / step}})
+        mirror.close("completed", {{"status": "completed"}})
         print(json.dumps(mirror.info))
         """
     )

@@ -6,9 +6,21 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from mnist_jax.metrics import metric_key
+from mnist_jax.writers import Writer
 
-class Progress:
-    """A rich progress bar when stdout is a terminal, else one plain line per log event."""
+TRAIN_LOSS, TRAIN_ACCURACY = metric_key("train", "loss"), metric_key("train", "accuracy")
+RATE = metric_key("train", "examples_per_sec")
+TEST_LOSS, TEST_ACCURACY = metric_key("test", "loss"), metric_key("test", "accuracy")
+TEST_F1 = metric_key("test", "f1_macro")
+
+
+class Progress(Writer):
+    """A rich progress bar when stdout is a terminal, else one plain line per log event.
+
+    Also a context manager (the live bar owns the terminal while it runs) with `advance`, which
+    training calls after every compiled call.
+    """
 
     def __init__(self, total_steps: int, steps_per_epoch: int, live: bool | None = None) -> None:
         self.total_steps = total_steps
@@ -45,22 +57,24 @@ class Progress:
         if self._bar is not None:
             self._bar.update(self._task, completed=step, epoch=step // self.steps_per_epoch + 1)
 
-    def train_event(self, event: Mapping[str, Any]) -> None:
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if TEST_ACCURACY in metrics:
+            self.message(
+                f"epoch {metrics['epoch']}: train loss {metrics[TRAIN_LOSS]:.4f}  "
+                f"test loss {metrics[TEST_LOSS]:.4f}  "
+                f"test accuracy {metrics[TEST_ACCURACY]:.4f}  "
+                f"macro F1 {metrics[TEST_F1]:.4f}"
+            )
+            return
         stats = (
-            f"loss {event['train/loss']:.4f}  acc {event['train/accuracy']:.4f}  "
-            f"{event['train/examples_per_sec']:,.0f} ex/s"
+            f"loss {metrics[TRAIN_LOSS]:.4f}  acc {metrics[TRAIN_ACCURACY]:.4f}  "
+            f"{metrics[RATE]:,.0f} ex/s"
         )
         if self._bar is not None:
             self._bar.update(self._task, stats=stats)
         else:
-            print(f"step {event['step']}/{self.total_steps}  epoch {event['epoch']:.2f}  {stats}")
-
-    def epoch_event(self, event: Mapping[str, Any]) -> None:
-        self.message(
-            f"epoch {event['epoch']}: train loss {event['train/loss']:.4f}  "
-            f"test loss {event['test/loss']:.4f}  test accuracy {event['test/accuracy']:.4f}  "
-            f"macro F1 {event['test/f1_macro']:.4f}"
-        )
+            epoch = step / self.steps_per_epoch
+            print(f"step {step}/{self.total_steps}  epoch {epoch:.2f}  {stats}", flush=True)
 
     def message(self, text: str) -> None:
         if self._bar is not None:

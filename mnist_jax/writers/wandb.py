@@ -1,6 +1,6 @@
 """The Weights & Biases mirror: copies a run's events, evaluation and best checkpoint to W&B.
 
-The run directory (`mnist_jax.tracking`, docs/run-record.md) is the source of truth; W&B only
+The run directory (`mnist_jax.record`, docs/run-record.md) is the source of truth; W&B only
 mirrors it, so the mirror must never slow down, block or break training. Every method swallows
 its own failure: the first one is reported as one line on stderr and the mirror then turns into
 the no-op mirror for the rest of the run. `wandb` is imported only when W&B is on (it is slow to
@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from mnist_jax.errors import UserError
+from mnist_jax.writers import Writer
 
 if TYPE_CHECKING:
     from mnist_jax.config import Config
@@ -56,41 +57,13 @@ _REDIRECTED_DIRS = {
 _SECRET_NAME = re.compile(r"api_?key|token|secret|password|credential", re.IGNORECASE)
 
 
-class Mirror:
-    """The no-op mirror (W&B off), and the interface the training loop talks to.
+class WandbMirror(Writer):
+    """A live W&B run. Any failure reports once and turns this into a no-op writer.
 
-    `info` holds `wandb/run_id`, `wandb/mode` and `wandb/dir` for the run summary, `{}` when
-    W&B is off.
+    `info` holds `wandb/run_id`, `wandb/mode` and `wandb/dir` for the run summary.
     """
 
-    def __init__(self) -> None:
-        self.info: dict[str, Any] = {}
-
-    def log(self, event: Mapping[str, Any]) -> None:
-        """Mirrors one metrics.jsonl event (`step` becomes the W&B step)."""
-
-    def log_evaluation(
-        self,
-        probs_NxC: np.ndarray,
-        labels_N: np.ndarray,
-        images_NxHxW: np.ndarray,
-        class_names: tuple[str, ...],
-        confusion_CxC: np.ndarray,
-    ) -> None:
-        """Mirrors the final test evaluation: confusion matrix, ROC/PR curves, worst errors."""
-
-    def log_checkpoint(self, path: Path, metadata: Mapping[str, Any]) -> None:
-        """Mirrors the best checkpoint directory as a model artifact."""
-
-    def finish(self, summary: Mapping[str, Any], status: str) -> None:
-        """Writes the final summary and closes the W&B run."""
-
-
-class WandbMirror(Mirror):
-    """A live W&B run. Any failure reports once and turns this into the no-op `Mirror`."""
-
     def __init__(self, run: Any, mode: str, secrets: list[str], restore_env: dict) -> None:
-        super().__init__()
         self._run = run
         self._broken_run: Any = None
         self._secrets = secrets
@@ -105,19 +78,18 @@ class WandbMirror(Mirror):
             "wandb/dir": str(Path(run.dir).parent),
         }
 
-    def log(self, event: Mapping[str, Any]) -> None:
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         if self._run is None:
             return
         try:
-            step = int(event["step"])
             if step < self._first_step:
                 return
-            self._run.log({k: v for k, v in event.items() if k != "step"}, step=step)
+            self._run.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
             self._last_step = step
         except Exception as e:
             self._fail("log metrics", e)
 
-    def log_evaluation(
+    def write_evaluation(
         self,
         probs_NxC: np.ndarray,
         labels_N: np.ndarray,
@@ -159,7 +131,7 @@ class WandbMirror(Mirror):
         except Exception as e:
             self._fail("log the evaluation", e)
 
-    def log_checkpoint(self, path: Path, metadata: Mapping[str, Any]) -> None:
+    def write_checkpoint(self, path: Path, metadata: Mapping[str, Any]) -> None:
         if self._run is None:
             return
         try:
@@ -178,7 +150,7 @@ class WandbMirror(Mirror):
         except Exception as e:
             self._fail("log the checkpoint", e)
 
-    def finish(self, summary: Mapping[str, Any], status: str) -> None:
+    def close(self, status: str, summary: Mapping[str, Any]) -> None:
         run, self._run = self._run, None
         try:
             if run is not None:
@@ -214,8 +186,8 @@ class WandbMirror(Mirror):
 
 def start_mirror(
     config: Config, run_dir: Path, environment: Mapping[str, Any], resume_id: str | None = None
-) -> Mirror:
-    """Starts mirroring the run in `run_dir` to W&B, or returns the no-op mirror.
+) -> Writer:
+    """Starts mirroring the run in `run_dir` to W&B, or returns the no-op writer.
 
     The mode is `config.wandb` if set, else $WANDB_MODE, else "online" when an API key is
     configured (WANDB_API_KEY or a netrc entry for the API host) and "offline" otherwise.
@@ -224,7 +196,7 @@ def start_mirror(
     """
     mode, reason = resolve_mode(config.wandb)
     if mode == "disabled":
-        return Mirror()
+        return Writer()
     run_dir = Path(run_dir)
     secrets = [key] if (key := configured_api_key()) else []
     wandb_config = _plain(_scrub({**config.to_dict(), "environment": dict(environment)}, secrets))
@@ -261,7 +233,7 @@ def start_mirror(
     except Exception as e:
         _restore_env(restore_env)
         _warn(f"W&B mirror off: could not start W&B ({_describe(e)}); training goes on without it")
-        return Mirror()
+        return Writer()
     mirror = WandbMirror(run, mode, secrets, restore_env)
     if mode == "offline":
         # wandb itself is silenced offline; this one line says where the run went.
