@@ -28,8 +28,9 @@ from mnist_jax import metrics, steps
 from mnist_jax.checkpoint import Checkpoints
 from mnist_jax.config import Config, build_config
 from mnist_jax.errors import UserError
+from mnist_jax.files import write_json_atomic
 from mnist_jax.progress import Progress
-from mnist_jax.tracking import RunRecord, default_run_name, write_json_atomic
+from mnist_jax.record import RunRecord, default_run_name
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 RESUME_OVERRIDES = ("data_dir", "source", "wandb", "log_every")
