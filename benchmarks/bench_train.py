@@ -2,8 +2,9 @@
 
 - train: examples/s of the compiled train call for steps_per_call=1 (the CPU default, the
   baseline) against K steps under `lax.scan`;
-- eval: the full 10,000-image test evaluation with counts only (loss, confusion) against the same
-  evaluation plus every metric (precision/recall/F1, exact AUROC, average precision).
+- eval: the full 10,000-image test evaluation as a Python loop of the compiled eval step (counts
+  only: loss, confusion) against the trainer's one compiled call, which also stacks the
+  probabilities and computes every metric (precision/recall/F1, exact AUROC, average precision).
 
     python benchmarks/bench_train.py [--steps 200] [--scan 10] [--scan-steps 40] [--repeats 5]
 
@@ -21,55 +22,49 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
-from mnist_jax import data, metrics, steps
+from mnist_jax import data
 from mnist_jax.config import Config
+from mnist_jax.trainer import Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
 
 
 def train_rate(config: Config, dataset: data.Dataset, k: int, n_steps: int) -> float:
     """Steady-state examples/s of `n_steps` steps run `k` per compiled call."""
-    n = len(dataset.train.labels)
-    built = steps.build(config, dataset.num_classes, total_steps=n // config.batch_size)
-    images = jnp.asarray(dataset.train.images)
-    labels = jnp.asarray(dataset.train.labels, jnp.int32)
-    permutation = steps.epoch_permutation(config.seed, 0, n)
-    chunk = steps.make_train_chunk(built, config, k)
-    state, sums = built.init_state, steps.TrainSums.zeros()
-    state, sums = chunk(state, sums, images, labels, permutation, jnp.int32(0))  # compile
-    jax.block_until_ready(sums)
-    calls = max(1, n_steps // k)
+    trainer = Trainer(config.replace(steps_per_call=k), dataset)
+    trainer.run(k)  # the first call of a compiled program pays for its set-up
+    jax.block_until_ready(trainer.sums)
+    calls = max(1, min(n_steps, trainer.steps_per_epoch - k) // k)
     t0 = time.perf_counter()
-    for i in range(1, calls + 1):
-        state, sums = chunk(state, sums, images, labels, permutation, jnp.int32(i * k))
-    jax.block_until_ready(sums)
+    trainer.run(calls * k)
+    jax.block_until_ready(trainer.sums)
     return calls * k * config.batch_size / (time.perf_counter() - t0)
 
 
 def eval_seconds(config: Config, dataset: data.Dataset, repeats: int) -> dict[str, list[float]]:
-    built = steps.build(config, dataset.num_classes, total_steps=1)
-    test = steps.eval_data(dataset.test.images, dataset.test.labels, config.eval_batch_size)
-    evaluate = steps.make_evaluate(built, built.init_state, test)
-    labels = jnp.asarray(dataset.test.labels, jnp.int32)
-    summarize = jax.jit(metrics.classification_summary)
-    jax.block_until_ready(summarize(*_counts_and_probs(evaluate, built, test), labels))
+    """The whole test split: counts only (a loop of the compiled eval step) against the one
+    compiled call that the trainer runs (counts, probabilities and every metric)."""
+    trainer = Trainer(config, dataset)
+    eval_step = jax.jit(trainer.steps.eval_step)
+    test = trainer.test
+
+    def counts_only():
+        for k in range(test.images_KxBxHxW.shape[0]):
+            batch = (test.images_KxBxHxW[k], test.labels_KxB[k])
+            out = eval_step(trainer.state, batch, test.mask_KxB[k])
+        return out
+
+    jax.block_until_ready((counts_only(), trainer.evaluate()))
     timings: dict[str, list[float]] = {"counts only": [], "counts + all metrics": []}
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(_counts_and_probs(evaluate, built, test))
+        jax.block_until_ready(counts_only())
         timings["counts only"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        confusion, probs = _counts_and_probs(evaluate, built, test)
-        jax.block_until_ready(summarize(confusion, probs, labels))
+        jax.block_until_ready(trainer.evaluate())
         timings["counts + all metrics"].append(time.perf_counter() - t0)
     return timings
-
-
-def _counts_and_probs(evaluate, built, test):
-    sums, probs = evaluate(built.init_state, test)
-    return sums.confusion, probs
 
 
 def main() -> None:

@@ -19,7 +19,8 @@ from mnist_jax import metrics, parallel, steps
 from mnist_jax.checkpoint import Checkpoints
 from mnist_jax.config import build_config
 from mnist_jax.errors import UserError
-from mnist_jax.tracking import RunRecord, write_json_atomic
+from mnist_jax.files import write_json_atomic
+from mnist_jax.record import RunRecord
 
 EVAL_FILE = "eval.json"
 

@@ -275,7 +275,10 @@ def roc_curve(
     trapezoid over them still gives the exact area. fpr is NaN when there is no negative, tpr
     when there is no positive (as scikit-learn, which also warns).
     """
-    ranked = _rank(scores_N, positives_N, mask_N)
+    return _roc_from_ranked(_rank(scores_N, positives_N, mask_N))
+
+
+def _roc_from_ranked(ranked: _Ranked) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     zero = jnp.zeros((1,), jnp.int32)
     fpr = _ratio_nan(jnp.concatenate([zero, ranked.negatives_through_N]), ranked.num_negatives)
     tpr = _ratio_nan(jnp.concatenate([zero, ranked.positives_through_N]), ranked.num_positives)
@@ -314,7 +317,12 @@ def precision_recall_curve(
     Invalid entries repeat a neighbouring real point. With no positive at all, recall is 1 at every
     threshold, as in scikit-learn.
     """
-    ranked = _rank(scores_N, positives_N, mask_N)
+    return _precision_recall_from_ranked(_rank(scores_N, positives_N, mask_N))
+
+
+def _precision_recall_from_ranked(
+    ranked: _Ranked,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     through = ranked.positives_through_N
     predicted = through + ranked.negatives_through_N
     precision = _ratio(through, predicted)
@@ -372,6 +380,61 @@ def _auroc_and_average_precision(
     return _auroc_from_ranked(ranked), _average_precision_from_ranked(ranked)
 
 
+class OneVsRestCurves(NamedTuple):
+    """Every class's one-vs-rest ROC and PR curves, `[C, N + 1]` each (see `roc_curve` and
+    `precision_recall_curve`: keep the points where the `*_valid` mask is True), with the
+    per-class AUROC and average precision `[C]` (NaN where undefined)."""
+
+    fpr_CxM: jax.Array
+    tpr_CxM: jax.Array
+    roc_thresholds_CxM: jax.Array
+    roc_valid_CxM: jax.Array
+    precision_CxM: jax.Array
+    recall_CxM: jax.Array
+    pr_thresholds_CxM: jax.Array
+    pr_valid_CxM: jax.Array
+    auroc_C: jax.Array
+    average_precision_C: jax.Array
+
+
+def _curves_and_areas(
+    scores_N: jax.Array, positives_N: jax.Array, mask_N: jax.Array | None
+) -> tuple[jax.Array, ...]:
+    ranked = _rank(scores_N, positives_N, mask_N)  # one sort serves both curves and both areas
+    return (
+        *_roc_from_ranked(ranked),
+        *_precision_recall_from_ranked(ranked),
+        _auroc_from_ranked(ranked),
+        _average_precision_from_ranked(ranked),
+    )
+
+
+def one_vs_rest_curves(
+    probs_NxC: jax.Array, labels_N: jax.Array, mask_N: jax.Array | None = None
+) -> OneVsRestCurves:
+    """ROC and PR curves, AUROC and average precision of every class against the rest, as one
+    program (all classes through `vmap`, one sort per class; compile it once).
+
+    Each class's points equal the single-class functions' (`roc_curve`, `precision_recall_curve`,
+    `auroc`, `average_precision` on column c against "label == c"), so they match scikit-learn's.
+    """
+    probs = jnp.asarray(probs_NxC)
+    positives_CxN = _one_vs_rest_positives(labels_N, probs.shape[1])
+    per_class = jax.vmap(_curves_and_areas, in_axes=(1, 0, None))(probs, positives_CxN, mask_N)
+    return OneVsRestCurves(*per_class)
+
+
+def curve_points(curves: OneVsRestCurves) -> tuple[list[tuple[np.ndarray, np.ndarray]], ...]:
+    """Per class, the valid points of each curve on the host: ROC as (fpr, tpr) and PR as
+    (recall, precision)."""
+    c = jax.device_get(curves)
+    roc = [(x[v], y[v]) for x, y, v in zip(c.fpr_CxM, c.tpr_CxM, c.roc_valid_CxM, strict=True)]
+    pr = [
+        (x[v], y[v]) for x, y, v in zip(c.recall_CxM, c.precision_CxM, c.pr_valid_CxM, strict=True)
+    ]
+    return roc, pr
+
+
 def classification_summary(
     confusion_CxC: jax.Array,
     probs_NxC: jax.Array | None = None,
@@ -418,6 +481,15 @@ def metric_key(split: str, name: str, class_index: int | None = None) -> str:
     """The logged name of a metric: `"split/name"`, or `"split/name/class"` for a per-class one."""
     key = f"{split}/{name}"
     return key if class_index is None else f"{key}/{class_index}"
+
+
+# Run-record keys made outside `to_record` (by training), named here so that readers never spell
+# them out: the best epoch's test accuracy and step, and the wall-clock phases.
+BEST_TEST_ACCURACY = metric_key("best", metric_key("test", "accuracy"))
+BEST_STEP = metric_key("best", "step")
+COMPILE_SECONDS = metric_key("time", "compile_seconds")
+TRAIN_SECONDS = metric_key("time", "train_seconds")
+TOTAL_SECONDS = metric_key("time", "total_seconds")
 
 
 def _to_python(value: Any) -> float | int | None:
@@ -472,3 +544,22 @@ def train_record(loss_sum: Any, correct: Any, count: Any) -> dict[str, float]:
         metric_key("train", "loss"): float(loss_sum) / count,
         metric_key("train", "accuracy"): int(correct) / count,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Host side: the most confidently wrong predictions
+# --------------------------------------------------------------------------------------------
+
+
+def top_mistakes(probs_NxC: Any, labels_N: Any, k: int) -> np.ndarray:
+    """Indices (into N) of the `k` wrong predictions with the highest predicted-class
+    probability, most confident first; ties go to the lower index. Fewer when fewer are wrong.
+
+    A prediction is the arg-max class; its confidence is that class's probability. On the host:
+    the number of mistakes is data-dependent, and the galleries that use it are small.
+    """
+    probs = np.asarray(probs_NxC)
+    predicted_N = np.argmax(probs, axis=1)
+    confidence_N = probs[np.arange(len(predicted_N)), predicted_N]
+    wrong = np.flatnonzero(predicted_N != np.asarray(labels_N))
+    return wrong[np.argsort(-confidence_N[wrong], kind="stable")[:k]]

@@ -11,8 +11,10 @@ def print_evaluation(result: Mapping[str, Any], split: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from mnist_jax.metrics import metric_key
+
     console = Console()
-    confusion = result[f"{split}/confusion_matrix"]
+    confusion = result[metric_key(split, "confusion_matrix")]
     classes = range(len(confusion))
 
     def fmt(value: Any) -> str:
@@ -24,25 +26,26 @@ def print_evaluation(result: Mapping[str, Any], split: str) -> None:
     for c in classes:
         table.add_row(
             str(c),
-            fmt(result[f"{split}/precision/{c}"]),
-            fmt(result[f"{split}/recall/{c}"]),
-            fmt(result[f"{split}/f1/{c}"]),
-            str(result[f"{split}/support/{c}"]),
-            fmt(result.get(f"{split}/auroc/{c}")),
+            fmt(result[metric_key(split, "precision", c)]),
+            fmt(result[metric_key(split, "recall", c)]),
+            fmt(result[metric_key(split, "f1", c)]),
+            str(result[metric_key(split, "support", c)]),
+            fmt(result.get(metric_key(split, "auroc", c))),
         )
     for average in ("macro", "micro", "weighted"):
         table.add_row(
             average,
-            fmt(result[f"{split}/precision_{average}"]),
-            fmt(result[f"{split}/recall_{average}"]),
-            fmt(result[f"{split}/f1_{average}"]),
+            fmt(result[metric_key(split, f"precision_{average}")]),
+            fmt(result[metric_key(split, f"recall_{average}")]),
+            fmt(result[metric_key(split, f"f1_{average}")]),
             str(sum(map(sum, confusion))),
-            fmt(result.get(f"{split}/auroc_macro")) if average == "macro" else "",
+            fmt(result.get(metric_key(split, "auroc_macro"))) if average == "macro" else "",
             style="bold",
         )
     console.print(table)
     console.print(
-        f"accuracy {fmt(result[f'{split}/accuracy'])}   loss {fmt(result[f'{split}/loss'])}"
+        f"accuracy {fmt(result[metric_key(split, 'accuracy')])}   "
+        f"loss {fmt(result[metric_key(split, 'loss')])}"
     )
 
     matrix = Table(title="confusion matrix (rows: true class, columns: predicted)")

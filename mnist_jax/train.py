@@ -27,9 +27,9 @@ from mnist_jax.checkpoint import Checkpoints
 from mnist_jax.config import Config, build_config
 from mnist_jax.errors import UserError
 from mnist_jax.files import atomic_write, write_json_atomic
-from mnist_jax.tracking import RunRecord, default_run_name
+from mnist_jax.record import RunRecord, default_run_name
 from mnist_jax.trainer import Trainer
-from mnist_jax.writers import MultiWriter, Writer
+from mnist_jax.writers import MultiWriter, TestResults, Writer
 from mnist_jax.writers.progress import Progress
 from mnist_jax.writers.record import RecordWriter
 
@@ -162,8 +162,11 @@ def _run(
             record.update_summary(status="running", message=None, **writer.info)
             status, message = loop.train(stop)
             if status == "completed":
-                loop.finish()
-            record.update_summary(status=status, message=message, **loop.timings())
+                write_final_record(loop)
+            totals = loop.clock.totals(
+                loop.trainer.step, config.batch_size, loop.trainer.compile_seconds
+            )
+            record.update_summary(status=status, message=message, **totals)
         except BaseException as e:
             # Not a planned stop: the record says so before the error goes on up.
             record.update_summary(status="failed", message=f"{type(e).__name__}: {e}")
@@ -214,6 +217,17 @@ class Clock:
     def examples_per_sec(self, step: int, batch_size: int) -> float:
         seconds = time.perf_counter() - self.mark_time
         return (step - self.mark_step) * batch_size / seconds if seconds > 0 else float("nan")
+
+    def totals(self, step: int, batch_size: int, compile_seconds: float) -> dict[str, Any]:
+        """The run's timings over all its segments, for the summary."""
+        seconds = self.train_seconds
+        return {
+            "step": step,
+            metrics.COMPILE_SECONDS: compile_seconds,
+            metrics.TRAIN_SECONDS: seconds,
+            metrics.TOTAL_SECONDS: self.elapsed(),
+            RATE: step * batch_size / seconds if seconds else None,
+        }
 
 
 @dataclasses.dataclass
@@ -326,7 +340,7 @@ class Loop:
             epoch=epoch,
             **train,
             **test,
-            **{"best/test/accuracy": self.best_accuracy, "best/step": self.best_step},
+            **{metrics.BEST_TEST_ACCURACY: self.best_accuracy, metrics.BEST_STEP: self.best_step},
         )
 
     def evaluate(self) -> dict[str, Any]:
@@ -335,27 +349,6 @@ class Loop:
         sums = self.last_eval.sums
         loss = float(sums.loss_sum) / int(sums.count)
         return metrics.to_record("test", self.last_eval.summary, sums.confusion, loss)
-
-    # Phase: final record.
-    def finish(self) -> None:
-        if self.last_eval is None:  # resumed after the last epoch's checkpoint: nothing ran
-            self.evaluate()
-        probs = np.asarray(self.last_eval.probs_NxC, np.float32)
-        labels = np.asarray(self.dataset.test.labels, np.int32)
-        with atomic_write(self.record.predictions_path) as f:
-            np.savez_compressed(
-                f, probs=probs, labels=labels, indices=np.arange(len(labels), dtype=np.int32)
-            )
-        self.writer.write_evaluation(
-            probs,
-            labels,
-            self.dataset.test.images,
-            self.dataset.class_names,
-            np.asarray(self.last_eval.sums.confusion),
-        )
-        best = self.checkpoints.directory / "best" / str(self.best_step)
-        metadata = {k: v for k, v in self.record.summary.items() if k.startswith("test/")}
-        self.writer.write_checkpoint(best, metadata)
 
     def save(self, kind: str) -> None:
         step = self.trainer.step
@@ -370,17 +363,25 @@ class Loop:
         }
         self.checkpoints.save(kind, step, self.trainer.payload(), meta)
 
-    def timings(self) -> dict[str, Any]:
-        """The run's totals over all its segments."""
-        examples = self.trainer.step * self.config.batch_size
-        seconds = self.clock.train_seconds
-        return {
-            "step": self.trainer.step,
-            "time/compile_seconds": self.trainer.compile_seconds,
-            "time/train_seconds": seconds,
-            "time/total_seconds": self.clock.elapsed(),
-            RATE: examples / seconds if seconds else None,
-        }
+
+def write_final_record(loop: Loop) -> None:
+    """Phase: the end of a completed run: test predictions, and the last evaluation and the
+    best checkpoint for the writers that keep them (W&B)."""
+    if loop.last_eval is None:  # resumed after the last epoch's checkpoint: nothing ran
+        loop.evaluate()
+    probs = np.asarray(loop.last_eval.probs_NxC, np.float32)
+    test = loop.dataset.test
+    labels = np.asarray(test.labels, np.int32)
+    with atomic_write(loop.record.predictions_path) as f:
+        np.savez_compressed(
+            f, probs=probs, labels=labels, indices=np.arange(len(labels), dtype=np.int32)
+        )
+    confusion = np.asarray(loop.last_eval.sums.confusion)
+    classes = loop.dataset.class_names
+    loop.writer.write_evaluation(TestResults(probs, labels, test.images, classes, confusion))
+    best = loop.checkpoints.directory / "best" / str(loop.best_step)
+    metadata = {k: v for k, v in loop.record.summary.items() if k.startswith("test/")}
+    loop.writer.write_checkpoint(best, metadata)
 
 
 @contextlib.contextmanager

@@ -394,6 +394,38 @@ def test_comparison_rows_sort_by_accuracy_with_missing_last():
     assert [r["name"] for r in analysis.sort_rows(rows)] == ["a", "b", "c", "none"]
 
 
+def test_run_table_shows_the_model_config_json_describes(tmp_path, test_labels):
+    from mnist_jax.analysis import sections
+
+    runs = tmp_path / "runs"
+    described = write_run(runs, "described", test_labels=test_labels, predictions=False)
+    saved = json.loads((described / "config.json").read_text())
+    saved["model"] = {
+        "name": "cnn", "params": 421642, "flops_per_example": 12345678,
+        "layers": [{"name": "conv_0", "params": 320}, {"name": "dense_0", "params": 421322}],
+    }  # fmt: skip
+    (described / "config.json").write_text(json.dumps(saved))
+    write_run(runs, "older", test_labels=test_labels, predictions=False, accuracy=0.5, seed=1)
+
+    rows = [analysis.comparison_row(analysis.analyze_run(analysis.load_run(p))) for p in
+            (described, runs / "older")]  # fmt: skip
+    assert [r[k] for r in rows for k in analysis.MODEL_COLUMNS] == [
+        "cnn", 421642, 12345678, None, None, None
+    ]  # fmt: skip
+    table = sections.comparison_table(rows)
+    columns = [table.headers.index(h) for h in ("model", "params", "FLOPs/example")]
+    assert [table.rows[0][i] for i in columns] == ["cnn", "421,642", "12,345,678"]
+    assert [table.rows[1][i] for i in columns] == ["", "", ""]  # written before the model was
+
+    page = analysis.analyze(tmp_path / "out", runs_dir=runs, include_dataset=False).read_text()
+    assert "<th>FLOPs/example</th>" in page and '<td class="num">12,345,678</td>' in page
+    with (tmp_path / "out" / "runs.csv").open() as f:
+        by_name = {r["name"]: r for r in csv.DictReader(f)}
+    assert (by_name["described"]["model"], by_name["described"]["params"]) == ("cnn", "421642")
+    assert by_name["described"]["flops_per_example"] == "12345678"
+    assert by_name["older"]["model"] == by_name["older"]["params"] == ""
+
+
 # --------------------------------------------------------------------------------------------
 # The command, end to end
 # --------------------------------------------------------------------------------------------

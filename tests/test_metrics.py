@@ -374,6 +374,59 @@ def test_one_vs_rest_match_sklearn():
     )
 
 
+def test_one_vs_rest_curves_match_sklearn_and_the_single_class_functions():
+    rng = np.random.default_rng(8)
+    n = PAD - 9
+    labels = rng.integers(0, C - 1, n)  # class C-1 absent: its AUROC and AP are NaN
+    probs = np.round(rng.dirichlet(np.ones(C), n), 1).astype(np.float32)  # many tied scores
+    labels_p, mask = pad(labels.astype(np.int32), garbage_labels(rng, PAD))
+    probs_p = np.concatenate([probs, garbage_scores(rng, (PAD - n, C))])
+    curves = jax.device_get(metrics.one_vs_rest_curves(probs_p, labels_p, mask))
+    assert curves.fpr_CxM.shape == curves.precision_CxM.shape == (C, PAD + 1)
+    assert curves.auroc_C.shape == curves.average_precision_C.shape == (C,)
+
+    for c in range(C):
+        positives, scores = labels == c, probs[:, c]
+        valid = curves.roc_valid_CxM[c]
+        sk_fpr, sk_tpr, sk_thresholds = sk_roc(positives, scores)
+        close(curves.fpr_CxM[c][valid], sk_fpr)
+        close(curves.tpr_CxM[c][valid], sk_tpr)
+        np.testing.assert_array_equal(
+            curves.roc_thresholds_CxM[c][valid], sk_thresholds.astype(np.float32)
+        )
+        valid = curves.pr_valid_CxM[c]
+        sk_precision, sk_recall, sk_thresholds = sk_pr(positives, scores)
+        close(curves.precision_CxM[c][valid], sk_precision)
+        close(curves.recall_CxM[c][valid], sk_recall)
+        np.testing.assert_array_equal(curves.pr_thresholds_CxM[c][valid][:-1], sk_thresholds)
+        close(curves.auroc_C[c], sk_auroc(positives, scores))
+        close(curves.average_precision_C[c], sk_ap(positives, scores))
+
+        # One sort per class under vmap gives what the single-class functions give.
+        single = (
+            *jit_roc(probs_p[:, c], labels_p == c, mask),
+            *jit_pr(probs_p[:, c], labels_p == c, mask),
+        )
+        for got, expected in zip(curves[:8], single, strict=True):
+            np.testing.assert_array_equal(got[c], expected)
+    np.testing.assert_array_equal(curves.auroc_C, jit_ovr_auroc(probs_p, labels_p, mask))
+    np.testing.assert_array_equal(curves.average_precision_C, jit_ovr_ap(probs_p, labels_p, mask))
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 1000])
+def test_top_mistakes_against_a_python_sort(k):
+    rng = np.random.default_rng(9)
+    n = 300
+    labels = rng.integers(0, C, n)
+    probs = np.round(rng.dirichlet(np.ones(C), n), 1).astype(np.float32)  # tied confidences
+    predicted = probs.argmax(axis=1)
+    wrong = [i for i in range(n) if predicted[i] != labels[i]]
+    expected = sorted(wrong, key=lambda i: (-probs[i, predicted[i]], i))[:k]
+    chosen = metrics.top_mistakes(probs, labels, k)
+    np.testing.assert_array_equal(chosen, np.array(expected, dtype=chosen.dtype))
+    assert len(metrics.top_mistakes(probs, predicted, k)) == 0  # nothing wrong, nothing chosen
+
+
 @hypothesis_settings
 @given(
     data=st.lists(

@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mnist_jax.errors import UserError
-from mnist_jax.tracking import RunRecord, dumps, read_json, write_json_atomic
+from mnist_jax.files import dumps, write_json_atomic
+from mnist_jax.record import RunRecord, read_json
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
@@ -83,7 +84,7 @@ def test_a_run_being_written_cannot_be_written_by_a_second_process(tmp_path):
 
     record = RunRecord.create(tmp_path, "run", {}, {})
     code = (
-        "import sys; from mnist_jax.tracking import RunRecord\n"
+        "import sys; from mnist_jax.record import RunRecord\n"
         "from mnist_jax.errors import UserError\n"
         f"r = RunRecord.open({str(record.dir)!r})\n"
         "try:\n"

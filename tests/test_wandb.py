@@ -32,6 +32,7 @@ from PIL import Image
 
 from mnist_jax.config import Config
 from mnist_jax.errors import UserError
+from mnist_jax.writers import TestResults
 from mnist_jax.writers import wandb as wandb_mirror
 from mnist_jax.writers.wandb import start_mirror
 
@@ -318,13 +319,14 @@ def test_disabled_mirror_does_nothing_writes_nothing_and_never_imports_wandb(run
         from pathlib import Path
         import numpy as np
         from mnist_jax.config import Config
-        from mnist_jax.writers import Writer
+        from mnist_jax.writers import TestResults, Writer
         from mnist_jax.writers.wandb import start_mirror
         mirror = start_mirror(Config(wandb="disabled"), Path({str(run_dir)!r}), {{}})
         assert type(mirror) is Writer and mirror.info == {{}}
         mirror.write(1, {{"step": 1, "train/loss": 1.0}})
-        mirror.write_evaluation(np.ones((2, 2)), np.zeros(2), np.zeros((2, 3, 3)), ("a", "b"),
+        results = TestResults(np.ones((2, 2)), np.zeros(2), np.zeros((2, 3, 3)), ("a", "b"),
                               np.eye(2))
+        mirror.write_evaluation(results)
         mirror.write_checkpoint(Path("missing"), {{}})
         mirror.close("completed", {{"status": "completed"}})
         assert "wandb" not in sys.modules, "wandb was imported"
@@ -364,7 +366,7 @@ def test_offline_mirror_records_config_history_evaluation_checkpoint_and_summary
     mirror = start_mirror(config, run_dir, ENVIRONMENT)
     for event in events:
         mirror.write(event["step"], event)
-    mirror.write_evaluation(probs, labels, images, CLASS_NAMES, confusion)
+    mirror.write_evaluation(TestResults(probs, labels, images, CLASS_NAMES, confusion))
     mirror.write_checkpoint(ckpt, metadata)
     mirror.close("completed", summary)
 
@@ -529,7 +531,7 @@ def test_first_failure_is_reported_once_then_the_mirror_is_quiet(run_dir, capsys
     mirror.write(5, train_event(5, 20))
     mirror.write_checkpoint(run_dir / "no-such-checkpoint", {})  # fails: nothing to upload
     mirror.write(10, train_event(10, 20))
-    mirror.write_evaluation(*synthetic_evaluation(40)[:3], CLASS_NAMES, np.eye(4))
+    mirror.write_evaluation(TestResults(*synthetic_evaluation(40)[:3], CLASS_NAMES, np.eye(4)))
     mirror.close("completed", {"status": "completed"})
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
@@ -707,7 +709,7 @@ def test_sweep_trials_parse_as_train_flags(monkeypatch):
 @pytest.mark.slow
 def test_training_run_is_mirrored_exactly(tmp_path, tiny_config, clean_wandb_env, monkeypatch):
     from mnist_jax import train
-    from mnist_jax.tracking import RunRecord
+    from mnist_jax.record import RunRecord
 
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)  # present, but the run is offline
     config = tiny_config(tmp_path / "runs", name="mirrored", wandb="offline")

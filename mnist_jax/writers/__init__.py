@@ -9,11 +9,23 @@ name. A new destination is one module here with a `Writer` subclass, and one lin
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class TestResults:
+    """The final evaluation of the test split, on the host."""
+
+    probs_NxC: np.ndarray
+    labels_N: np.ndarray
+    images_NxHxW: np.ndarray
+    class_names: tuple[str, ...]
+    confusion_CxC: np.ndarray
 
 
 class Writer:
@@ -25,14 +37,7 @@ class Writer:
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         """One log event at `step` (a `step` key in `metrics` is ignored)."""
 
-    def write_evaluation(
-        self,
-        probs_NxC: np.ndarray,
-        labels_N: np.ndarray,
-        images_NxHxW: np.ndarray,
-        class_names: tuple[str, ...],
-        confusion_CxC: np.ndarray,
-    ) -> None:
+    def write_evaluation(self, results: TestResults) -> None:
         """The final test evaluation: probabilities, labels, images, confusion counts."""
 
     def write_checkpoint(self, path: Path, metadata: Mapping[str, Any]) -> None:
@@ -59,9 +64,9 @@ class MultiWriter(Writer):
         for w in self.writers:
             w.write(step, metrics)
 
-    def write_evaluation(self, *evaluation: Any) -> None:
+    def write_evaluation(self, results: TestResults) -> None:
         for w in self.writers:
-            w.write_evaluation(*evaluation)
+            w.write_evaluation(results)
 
     def write_checkpoint(self, path: Path, metadata: Mapping[str, Any]) -> None:
         for w in self.writers:

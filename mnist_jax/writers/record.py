@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from mnist_jax.tracking import RunRecord
+from mnist_jax.record import RunRecord
 from mnist_jax.writers import Writer
 
 

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from mnist_jax.errors import UserError
-from mnist_jax.writers import Writer
+from mnist_jax.writers import TestResults, Writer
 
 if TYPE_CHECKING:
     from mnist_jax.config import Config
@@ -89,18 +89,13 @@ class WandbMirror(Writer):
         except Exception as e:
             self._fail("log metrics", e)
 
-    def write_evaluation(
-        self,
-        probs_NxC: np.ndarray,
-        labels_N: np.ndarray,
-        images_NxHxW: np.ndarray,
-        class_names: tuple[str, ...],
-        confusion_CxC: np.ndarray,
-    ) -> None:
+    def write_evaluation(self, results: TestResults) -> None:
         if self._run is None:
             return
         try:
-            probs_NxC, labels_N = np.asarray(probs_NxC), np.asarray(labels_N)
+            probs_NxC, labels_N = np.asarray(results.probs_NxC), np.asarray(results.labels_N)
+            images_NxHxW, confusion_CxC = results.images_NxHxW, results.confusion_CxC
+            class_names = results.class_names
             roc_rows, pr_rows = curve_rows(probs_NxC, labels_N, class_names)
             payload = {
                 "test/confusion_chart": confusion_chart(np.asarray(confusion_CxC), class_names),
@@ -345,26 +340,16 @@ def curve_rows(
     """One-vs-rest ROC rows `[class, fpr, tpr]` and PR rows `[class, recall, precision]`.
 
     The curves come from `mnist_jax.metrics` (wandb.plot.roc_curve/pr_curve would pull in
-    pandas and scikit-learn and recompute them), all classes in one compiled call: the first
-    call of the eager functions costs about twice as much compilation.
+    pandas and scikit-learn and recompute them), all classes in one compiled call.
     """
-    import jax
+    from mnist_jax import metrics, parallel
 
-    from mnist_jax import metrics
-
-    def both(scores_N: Any, positives_N: Any) -> Any:
-        return metrics.roc_curve(scores_N, positives_N), metrics.precision_recall_curve(
-            scores_N, positives_N
-        )
-
-    positives_CxN = labels_N[None, :] == np.arange(len(class_names))[:, None]
-    roc, pr = jax.device_get(jax.jit(jax.vmap(both, in_axes=(1, 0)))(probs_NxC, positives_CxN))
+    curves = parallel.jit(metrics.one_vs_rest_curves)(probs_NxC, labels_N.astype(np.int32))
+    roc, pr = metrics.curve_points(curves)
     roc_rows, pr_rows = [], []
-    for k, name in enumerate(class_names):
-        fpr, tpr, _, valid = (np.asarray(a[k]) for a in roc)
-        roc_rows += _curve_rows(name, fpr[valid], tpr[valid])
-        precision, recall, _, valid = (np.asarray(a[k]) for a in pr)
-        pr_rows += _curve_rows(name, recall[valid], precision[valid])
+    for name, (fpr, tpr), (recall, precision) in zip(class_names, roc, pr, strict=True):
+        roc_rows += _curve_rows(name, fpr, tpr)
+        pr_rows += _curve_rows(name, recall, precision)
     return roc_rows, pr_rows
 
 
@@ -414,10 +399,10 @@ def misclassified_images(
     """The `count` most confidently wrong test images, captioned "true 3, predicted 5 (0.97)"."""
     import wandb
 
+    from mnist_jax.metrics import top_mistakes
+
     preds_N = probs_NxC.argmax(axis=1)
-    wrong = np.flatnonzero(preds_N != labels_N)
-    confidence = probs_NxC[wrong, preds_N[wrong]]
-    chosen = wrong[np.argsort(-confidence, kind="stable")[:count]]
+    chosen = top_mistakes(probs_NxC, labels_N, count)
     pixels = _as_uint8(images_NxHxW[chosen])
     return [
         wandb.Image(

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mnist_jax.files import write_bytes_atomic
+
 STATUS_COLORS = {
     "completed": "#1b7f3b",
     "running": "#1f5fbf",
@@ -100,8 +102,8 @@ def render(report: Report) -> str:
 
 
 def write(report: Report, path: Path) -> Path:
-    """Writes the report to `path` and returns it."""
-    path.write_text(render(report), encoding="utf-8")
+    """Writes the report to `path` (atomically, UTF-8) and returns it."""
+    write_bytes_atomic(path, render(report).encode("utf-8"))
     return path
 
 

@@ -1,162 +1,16 @@
-"""Figures for `mnist-jax analyze`: each function takes plain numpy data and returns PNG bytes.
-
-Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no display, no global state),
-so they render the same on a headless server and never leak open figures. matplotlib is
-imported inside the functions to keep importing this module cheap.
-"""
+"""Figures of runs for `mnist-jax analyze`: learning curves, confusion matrix, per-class scores,
+ROC and PR curves, the mistakes gallery and the runs compared. Each function takes plain numpy
+data and returns PNG bytes, drawn like the dataset figures (see `plots`)."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
-DPI = 100
-_SPLIT_COLORS = {"train": "#1f77b4", "test": "#ff7f0e"}
-
-
-def new_figure(width: float, height: float) -> Figure:
-    """A figure on the Agg canvas with the house style (readable fonts, constrained layout)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def to_png(fig: Figure) -> bytes:
-    """The figure as PNG bytes, trimmed to its content."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight", facecolor="white")
-    return buffer.getvalue()
-
-
-# --- dataset figures -------------------------------------------------------------------------
-
-
-def sample_grid(
-    images_CxKxHxW: np.ndarray, class_names: Sequence[str], title: str = "Sample images"
-) -> bytes:
-    """A grid with one row of example images per class, the class name at the start of each row.
-
-    The grid is one mosaic image (one axes, not C*K of them): it draws ten times faster.
-    """
-    num_classes, per_class, height, width = images_CxKxHxW.shape
-    gap = 2
-    mosaic = np.full((num_classes * (height + gap) - gap, per_class * (width + gap) - gap), 255.0)
-    for c in range(num_classes):
-        for k in range(per_class):
-            top, left = c * (height + gap), k * (width + gap)
-            mosaic[top : top + height, left : left + width] = 255 - images_CxKxHxW[c, k]
-    fig = new_figure(0.6 * per_class + 1.2, 0.6 * num_classes + 0.6)
-    ax = fig.add_subplot()
-    ax.imshow(mosaic, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    ax.set_yticks(
-        np.arange(num_classes) * (height + gap) + height / 2,
-        [_short(name, 12) for name in class_names],
-        fontsize=11,
-    )
-    ax.set_xticks([])
-    ax.tick_params(length=0)
-    for side in ax.spines.values():
-        side.set_visible(False)
-    ax.set_title(title, fontsize=13)
-    return to_png(fig)
-
-
-def mean_intensity_heatmap(mean_HxW: np.ndarray, title: str) -> bytes:
-    """Where digits are written: the average of every image, pixel by pixel."""
-    fig = new_figure(6.0, 5.0)
-    ax = fig.add_subplot()
-    image = ax.imshow(mean_HxW, cmap="magma", vmin=0, vmax=max(float(mean_HxW.max()), 1.0))
-    fig.colorbar(image, ax=ax, label="mean pixel value (0-255)")
-    ax.set_title(title, fontsize=13)
-    ax.set_xlabel("column (pixel)")
-    ax.set_ylabel("row (pixel)")
-    return to_png(fig)
-
-
-def pixel_histogram(counts_by_split: Mapping[str, np.ndarray], title: str) -> bytes:
-    """The share of pixels taking each value 0..255 per split, on a log scale.
-
-    The log scale is the point: it shows both the huge spikes at 0 and 255 and the thin
-    plateau of anti-aliased edge values between them.
-    """
-    fig = new_figure(9.0, 4.6)
-    ax = fig.add_subplot()
-    values = np.arange(256)
-    for split, counts in counts_by_split.items():
-        share = np.asarray(counts, np.float64) / max(int(np.sum(counts)), 1)
-        shown = np.where(share > 0, share, np.nan)
-        ax.step(
-            values,
-            shown,
-            where="mid",
-            lw=1.4,
-            color=_SPLIT_COLORS.get(split),
-            label=f"{split}: {share[0]:.1%} at 0, {share[255]:.2%} at 255",
-        )
-    ax.set_yscale("log")
-    ax.set_xlim(-2, 257)
-    ax.set_xticks([0, 32, 64, 96, 128, 160, 192, 224, 255])
-    ax.set_xlabel("pixel value")
-    ax.set_ylabel("fraction of pixels (log scale)")
-    ax.set_title(title, fontsize=13)
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(loc="upper center")
-    return to_png(fig)
-
-
-def class_distribution(
-    counts_by_split: Mapping[str, Sequence[int]], class_names: Sequence[str], title: str
-) -> bytes:
-    """Images per class, one panel per split, with the uniform share as a dashed line."""
-    splits = list(counts_by_split)
-    fig = new_figure(5.2 * len(splits), 4.4)
-    axes = fig.subplots(1, len(splits), squeeze=False)[0]
-    x = np.arange(len(class_names))
-    for ax, split in zip(axes, splits, strict=True):
-        counts = np.asarray(counts_by_split[split])
-        bars = ax.bar(x, counts, color=_SPLIT_COLORS.get(split, "#555555"))
-        ax.bar_label(bars, labels=[f"{c:,}" for c in counts], label_type="center", rotation=90,
-                     fontsize=9, color="white")  # fmt: skip
-        ax.axhline(counts.sum() / len(counts), color="black", ls="--", lw=1, label="uniform")
-        _class_xticks(ax, x, class_names)
-        ax.set_ylim(0, counts.max() * 1.15)
-        ax.set_xlabel("class")
-        ax.set_ylabel("images")
-        ax.set_title(f"{split} ({counts.sum():,} images)")
-        ax.legend(loc="upper right", fontsize=9)
-    fig.suptitle(title, fontsize=13)
-    return to_png(fig)
-
-
-def class_mean_images(mean_CxHxW: np.ndarray, class_names: Sequence[str], title: str) -> bytes:
-    """The average image of each class: the 'prototype' a linear model would see."""
-    num_classes = mean_CxHxW.shape[0]
-    cols = min(num_classes, 5)
-    rows = -(-num_classes // cols)
-    fig = new_figure(2.0 * cols, 2.2 * rows + 0.4)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if i >= num_classes:
-            ax.set_axis_off()
-            continue
-        ax.imshow(mean_CxHxW[i], cmap="magma", vmin=0, vmax=255)
-        ax.set_title(_short(class_names[i], 16), fontsize=11)
-    fig.suptitle(title, fontsize=13)
-    return to_png(fig)
-
-
-# --- run figures -----------------------------------------------------------------------------
+from mnist_jax.analysis.plots import SPLIT_COLORS, class_xticks, new_figure, short, to_png
+from mnist_jax.metrics import metric_key
 
 
 def learning_curves(curves: Mapping[str, np.ndarray], title: str) -> bytes:
@@ -170,24 +24,24 @@ def learning_curves(curves: Mapping[str, np.ndarray], title: str) -> bytes:
     loss_ax, acc_ax = fig.subplots(1, 2)
     for ax, name in ((loss_ax, "loss"), (acc_ax, "accuracy")):
         steps_x = curves.get("step_epoch", np.array([]))
-        steps_y = curves.get(f"step/train/{name}", np.array([]))
+        steps_y = curves.get(f"step/{metric_key('train', name)}", np.array([]))
         if len(steps_x):
             ax.plot(
                 steps_x,
                 steps_y,
-                color=_SPLIT_COLORS["train"],
+                color=SPLIT_COLORS["train"],
                 alpha=0.3,
                 lw=1,
                 label="train (logged steps)",
             )
         for split in ("train", "test"):
-            y = curves.get(f"{split}/{name}", np.array([]))
+            y = curves.get(metric_key(split, name), np.array([]))
             if len(y) and np.isfinite(y).any():
                 ax.plot(
                     curves["epoch"],
                     y,
                     "o-",
-                    color=_SPLIT_COLORS[split],
+                    color=SPLIT_COLORS[split],
                     lw=2,
                     label=f"{split} (epoch)",
                 )
@@ -237,8 +91,8 @@ def confusion_heatmap(confusion_CxC: np.ndarray, class_names: Sequence[str], tit
                 color="white" if dark else "black",
             )
     ticks = np.arange(num_classes)
-    _class_xticks(ax, ticks, class_names)
-    ax.set_yticks(ticks, [_short(n, 12) for n in class_names])
+    class_xticks(ax, ticks, class_names)
+    ax.set_yticks(ticks, [short(n, 12) for n in class_names])
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title, fontsize=13)
@@ -261,7 +115,7 @@ def per_class_bars(
             lowest = min(lowest, float(np.nanmin(values)))
     bottom = np.floor(min(max(0.0, lowest - 0.25 * (1.0 - lowest) - 0.005), 0.99) * 100) / 100
     ax.set_ylim(bottom, 1.0)
-    _class_xticks(ax, x, class_names)
+    class_xticks(ax, x, class_names)
     ax.set_xlabel("class")
     ax.set_ylabel("score (axis zoomed)" if bottom > 0 else "score")
     ax.set_title(title, fontsize=13)
@@ -291,7 +145,7 @@ def roc_pr_curves(
     smallest_fpr = 1.0
     for k, ((fpr, tpr), (recall, precision)) in enumerate(zip(roc, pr, strict=True)):
         color = colors(k % colors.N)
-        label = f"{_short(class_names[k], 10)}: AUROC {auroc_C[k]:.4f}, AP {ap_C[k]:.4f}"
+        label = f"{short(class_names[k], 10)}: AUROC {auroc_C[k]:.4f}, AP {ap_C[k]:.4f}"
         positive = fpr > 0
         if positive.any():
             smallest_fpr = min(smallest_fpr, float(fpr[positive].min()))
@@ -337,8 +191,8 @@ def mistakes_gallery(
             ax.set_axis_off()
             continue
         ax.imshow(images_KxHxW[i], cmap="gray_r", vmin=0, vmax=255)
-        true_name = _short(class_names[int(true_K[i])], 7)
-        pred_name = _short(class_names[int(predicted_K[i])], 7)
+        true_name = short(class_names[int(true_K[i])], 7)
+        pred_name = short(class_names[int(predicted_K[i])], 7)
         ax.set_title(
             f"true {true_name}\npred {pred_name} ({confidence_K[i]:.2f})",
             fontsize=9,
@@ -361,7 +215,10 @@ def comparison_curves(curves_by_run: Mapping[str, Mapping[str, np.ndarray]], tit
     for i, (name, curves) in enumerate(curves_by_run.items()):
         color = colors(i % colors.N)
         epoch = curves.get("epoch", np.array([]))
-        for ax, key in ((acc_ax, "test/accuracy"), (loss_ax, "train/loss")):
+        for ax, key in (
+            (acc_ax, metric_key("test", "accuracy")),
+            (loss_ax, metric_key("train", "loss")),
+        ):
             y = curves.get(key, np.array([]))
             if len(y):
                 ax.plot(
@@ -371,7 +228,7 @@ def comparison_curves(curves_by_run: Mapping[str, Mapping[str, np.ndarray]], tit
                     color=color,
                     lw=1.6,
                     ms=4,
-                    label=_short(name, 40) if ax is acc_ax else None,
+                    label=short(name, 40) if ax is acc_ax else None,
                 )
     acc_ax.set_title("Test accuracy by epoch")
     acc_ax.set_ylabel("test accuracy")
@@ -387,14 +244,6 @@ def comparison_curves(curves_by_run: Mapping[str, Mapping[str, np.ndarray]], tit
         fig.legend(loc="outside right center", fontsize=9)
     fig.suptitle(title, fontsize=13)
     return to_png(fig)
-
-
-# --- helpers ---------------------------------------------------------------------------------
-
-
-def _short(text: Any, limit: int) -> str:
-    text = str(text)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _log_y(ax: Any) -> None:
@@ -416,17 +265,8 @@ def _integer_x(ax: Any) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _class_xticks(ax: Any, x: np.ndarray, class_names: Sequence[str]) -> None:
-    """Class names under the x ticks, slanted when they are words rather than digits."""
-    labels = [_short(n, 12) for n in class_names]
-    if max((len(n) for n in labels), default=0) <= 3:
-        ax.set_xticks(x, labels)
-    else:
-        ax.set_xticks(x, labels, rotation=40, ha="right", rotation_mode="anchor")
-
-
 def _positive(curves: Mapping[str, np.ndarray], name: str, splits=("train", "test")) -> bool:
     """True when every finite loss value is positive, so a log axis can show them all."""
-    values = [np.asarray(curves.get(f"{s}/{name}", [])) for s in splits]
+    values = [np.asarray(curves.get(metric_key(s, name), [])) for s in splits]
     finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.array([])
     return bool(finite.size) and bool((finite > 0).all())
