@@ -37,6 +37,7 @@ EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 RESUME_OVERRIDES = ("data_dir", "source", "wandb", "log_every")
 TEST_ACCURACY = metrics.metric_key("test", "accuracy")
 RATE = metrics.metric_key("train", "examples_per_sec")
+TEST_PREFIX = metrics.metric_key("test", "")
 
 
 class Stop(Exception):
@@ -380,7 +381,7 @@ def write_final_record(loop: Loop) -> None:
     classes = loop.dataset.class_names
     loop.writer.write_evaluation(TestResults(probs, labels, test.images, classes, confusion))
     best = loop.checkpoints.directory / "best" / str(loop.best_step)
-    metadata = {k: v for k, v in loop.record.summary.items() if k.startswith("test/")}
+    metadata = {k: v for k, v in loop.record.summary.items() if k.startswith(TEST_PREFIX)}
     loop.writer.write_checkpoint(best, metadata)
 
 

@@ -93,13 +93,17 @@ class WandbMirror(Writer):
         if self._run is None:
             return
         try:
+            from mnist_jax.metrics import metric_key
+
             probs_NxC, labels_N = np.asarray(results.probs_NxC), np.asarray(results.labels_N)
             images_NxHxW, confusion_CxC = results.images_NxHxW, results.confusion_CxC
             class_names = results.class_names
             roc_rows, pr_rows = curve_rows(probs_NxC, labels_N, class_names)
             payload = {
-                "test/confusion_chart": confusion_chart(np.asarray(confusion_CxC), class_names),
-                "test/roc_curve": curve_chart(
+                metric_key("test", "confusion_chart"): confusion_chart(
+                    np.asarray(confusion_CxC), class_names
+                ),
+                metric_key("test", "roc_curve"): curve_chart(
                     roc_rows,
                     "fpr",
                     "tpr",
@@ -107,7 +111,7 @@ class WandbMirror(Writer):
                     "False positive rate",
                     "True positive rate",
                 ),
-                "test/pr_curve": curve_chart(
+                metric_key("test", "pr_curve"): curve_chart(
                     pr_rows,
                     "recall",
                     "precision",
@@ -120,7 +124,7 @@ class WandbMirror(Writer):
                 probs_NxC, labels_N, np.asarray(images_NxHxW), class_names
             )
             if errors:
-                payload["test/misclassified"] = errors
+                payload[metric_key("test", "misclassified")] = errors
             # Joins the last logged row: the evaluation belongs to the final step.
             self._run.log(payload, step=self._last_step)
         except Exception as e:
