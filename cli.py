@@ -20,6 +20,7 @@ from typer.exceptions import TyperException
 
 from mnist_jax.config import Config, config_from, field_help, field_type
 from mnist_jax.errors import UserError
+from mnist_jax.signals import stop_on_signals
 
 app = typer.Typer(
     help="Train, evaluate and analyse JAX/Flax classifiers on MNIST-style datasets.",
@@ -101,18 +102,21 @@ def train(
     ] = None,
     **flags: Any,
 ) -> None:
-    """Train the CNN and record the run under RUNS_DIR/NAME."""
+    """Train a model and record the run under RUNS_DIR/NAME."""
     flags = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()}
-    if resume is not None:
-        if config is not None:
-            raise UserError("--resume continues a run with its own config; drop --config")
-        from mnist_jax.train import resume as resume_run
+    if resume is not None and config is not None:
+        raise UserError("--resume continues a run with its own config; drop --config")
+    with stop_on_signals() as stop:  # before the heavy imports: no Ctrl-C gets lost
+        if resume is not None:
+            from mnist_jax.train import resume as resume_run
 
-        code = resume_run(resume, flags)
-    else:
-        from mnist_jax.train import fit
+            stop.raise_if_requested()
+            code = resume_run(resume, flags, stop)
+        else:
+            from mnist_jax.train import fit
 
-        code = fit(config_from(config, flags))
+            stop.raise_if_requested()
+            code = fit(config_from(config, flags), stop)
     raise typer.Exit(code)
 
 
@@ -249,7 +253,11 @@ def evaluate(
     ),
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Evaluate a run's best checkpoint on a whole split; writes RUN_DIR/eval.json."""
+    """Evaluate a run's best checkpoint on the images training used; writes eval.json.
+
+    That is the split's first --train-examples or --test-examples images of the run's
+    config (every image of the split when those were 0).
+    """
     from mnist_jax.inference import evaluate_run
     from mnist_jax.report_table import print_evaluation
 
@@ -282,7 +290,7 @@ def predict(
             typer.echo(f"error: {r.error}", err=True)
         elif not as_json:
             top = "  ".join(f"{name} {p:.3f}" for name, p in r.top)
-            typer.echo(f"{r.path}: {r.label}   ({top})")
+            typer.echo(f"{r.path}: {r.label}   ({top})" + (f"   note: {r.note}" if r.note else ""))
     if any(r.error for r in results):
         raise typer.Exit(1)
 

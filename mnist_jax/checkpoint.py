@@ -7,6 +7,11 @@ previous checkpoint intact.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +20,44 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 KINDS = ("last", "best")
+# A run keeps one `best` and one `last` step, and writes a new step before removing the old one.
+COPIES_AT_ONCE = 3
+_SLACK = 1.1  # Orbax's metadata and file-system blocks on top of the arrays' bytes
+
+
+def payload_bytes(payload: Any) -> int:
+    """The bytes of a payload's arrays (concrete or abstract, e.g. from `jax.eval_shape`)."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(payload))
+
+
+def require_space(directory: Path, nbytes: int, what: str) -> None:
+    """Refuses, with ENOSPC, to start writing `nbytes` where the disk has less free: a full
+    disk is found before anything is half-written rather than in the middle of a save."""
+    existing = Path(directory).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    needed = int(nbytes * _SLACK) + (1 << 16)
+    if free < needed:
+        raise OSError(
+            errno.ENOSPC,
+            f"{what}: about {_megabytes(needed)} needed in {directory}, {_megabytes(free)} free",
+        )
+
+
+@contextlib.contextmanager
+def _quiet_absl() -> Iterator[None]:
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _megabytes(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MB"
 
 
 def _to_tree(payload: Any) -> Any:
@@ -47,27 +90,37 @@ class Checkpoints:
     def __init__(self, directory: Path, *, read_only: bool = False) -> None:
         """`read_only` (evaluate, predict) creates nothing and sees only kinds already saved."""
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=1,
-            create=not read_only,
-            read_only=read_only,
-            enable_async_checkpointing=False,
-        )
         kinds = [k for k in KINDS if not read_only or (self.directory / k).is_dir()]
-        self._managers = {
-            kind: ocp.CheckpointManager(self.directory / kind, options=options) for kind in kinds
-        }
+        with _quiet_absl():  # read-only managers warn about options they override: noise to users
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=1,
+                create=not read_only,
+                read_only=read_only,
+                enable_async_checkpointing=False,
+            )
+            self._managers = {
+                kind: ocp.CheckpointManager(self.directory / kind, options=options)
+                for kind in kinds
+            }
 
     def save(self, kind: str, step: int, payload: Any, meta: dict[str, Any]) -> Path:
+        """Saves a step; on failure (a full disk) the partial step is removed and the previous
+        checkpoint of this kind is left as it was."""
         manager = self._managers[kind]
-        manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_to_tree(payload)), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
-        manager.wait_until_finished()
+        require_space(self.directory, payload_bytes(payload), f"the {kind} checkpoint")
+        try:
+            manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(_to_tree(payload)), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+            manager.wait_until_finished()
+        except BaseException:
+            for partial in (self.directory / kind).glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
         return self.directory / kind / str(step)
 
     def latest_step(self, kind: str) -> int | None:

@@ -8,6 +8,7 @@ at any moment leaves the previous version intact and no temporary file behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -69,3 +70,35 @@ def finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [finite(v) for v in value]
     return value
+
+
+_STORAGE_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EFBIG: "the file size limit is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+# Libraries that write through their own I/O layers (Orbax's TensorStore) report the OS error
+# in their message only.
+_STORAGE_MESSAGES = {
+    "No space left on device": errno.ENOSPC,
+    "Disk quota exceeded": errno.EDQUOT,
+    "File too large": errno.EFBIG,
+    "Read-only file system": errno.EROFS,
+}
+
+
+def storage_problem(error: BaseException) -> str | None:
+    """What the disk refused, in a few words, when `error` is a storage failure (full, quota,
+    file size limit, read-only, permission); None for any other error."""
+    if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
+        problem, detail = _STORAGE_ERRNOS[error.errno], error.strerror
+        # A refusal made before writing (checkpoint.require_space) says how much is missing.
+        return f"{problem} ({detail})" if detail and detail != os.strerror(error.errno) else problem
+    text = str(error)
+    for marker, number in _STORAGE_MESSAGES.items():
+        if marker in text:
+            return _STORAGE_ERRNOS[number]
+    return None

@@ -14,12 +14,19 @@ import numpy as np
 
 from mnist_jax.errors import UserError
 
-SIZE = 28
-BOX = 20
+SIZE = 28  # MNIST's side; a dataset spec with another side passes its own
+BOX_FRACTION = 20 / 28  # MNIST fits each digit's bounding box into 20x20 of the 28x28 field
+INK = 32  # a grey level above this is ink, not background
 
 
-def load_digit(path: str | Path, *, invert: bool = False) -> np.ndarray:
-    """Reads one PNG/JPEG/... file as uint8 [28, 28]; `invert` for dark digits on light paper."""
+def has_ink(image_HxW: np.ndarray) -> bool:
+    """Whether anything is written: a blank image gets a label, but it means nothing."""
+    return bool((np.asarray(image_HxW) > INK).any())
+
+
+def load_digit(path: str | Path, *, invert: bool = False, size: int = SIZE) -> np.ndarray:
+    """Reads one PNG/JPEG/... file as uint8 [size, size]; `invert` for dark digits on light
+    paper."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -35,9 +42,9 @@ def load_digit(path: str | Path, *, invert: bool = False) -> np.ndarray:
         raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
     if invert:
         grey = 255 - grey
-    if grey.shape == (SIZE, SIZE):
+    if grey.shape == (size, size):
         return grey
-    return to_mnist_layout(grey)
+    return to_mnist_layout(grey, size)
 
 
 def _flatten_alpha(image, invert: bool):
@@ -53,27 +60,28 @@ def _flatten_alpha(image, invert: bool):
     return image
 
 
-def to_mnist_layout(grey_HxW: np.ndarray) -> np.ndarray:
-    """Fits the digit's bounding box into 20x20 and centres its mass in 28x28."""
+def to_mnist_layout(grey_HxW: np.ndarray, size: int = SIZE) -> np.ndarray:
+    """Fits the digit's bounding box into 20x20 and centres its mass in 28x28 (scaled for
+    another `size`)."""
     from PIL import Image
 
-    ink = grey_HxW > 32
+    ink = grey_HxW > INK
     if not ink.any():
-        return np.asarray(Image.fromarray(grey_HxW).resize((SIZE, SIZE), Image.LANCZOS), np.uint8)
+        return np.asarray(Image.fromarray(grey_HxW).resize((size, size), Image.LANCZOS), np.uint8)
     rows, cols = np.where(ink)
     crop = grey_HxW[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     h, w = crop.shape
-    scale = BOX / max(h, w)
+    scale = round(size * BOX_FRACTION) / max(h, w)
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
     digit = np.asarray(Image.fromarray(crop).resize((new_w, new_h), Image.LANCZOS), np.float64)
     total = digit.sum()
     cy = (digit.sum(1) * np.arange(new_h)).sum() / total
     cx = (digit.sum(0) * np.arange(new_w)).sum() / total
     # MNIST's centres of mass sit at pixel index 14 (measured on the test split: 14.0, std 0.3).
-    top = int(round(SIZE / 2 - cy))
-    left = int(round(SIZE / 2 - cx))
-    top = min(max(top, 0), SIZE - new_h)
-    left = min(max(left, 0), SIZE - new_w)
-    field = np.zeros((SIZE, SIZE), np.float64)
+    top = int(round(size / 2 - cy))
+    left = int(round(size / 2 - cx))
+    top = min(max(top, 0), size - new_h)
+    left = min(max(left, 0), size - new_w)
+    field = np.zeros((size, size), np.float64)
     field[top : top + new_h, left : left + new_w] = digit
     return np.clip(np.rint(field), 0, 255).astype(np.uint8)

@@ -7,6 +7,7 @@ back to `checkpoints/last` for a run that never finished an epoch's evaluation).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,12 @@ from mnist_jax import images as images_lib
 from mnist_jax import metrics, parallel, steps
 from mnist_jax.checkpoint import Checkpoints
 from mnist_jax.config import build_config
-from mnist_jax.errors import UserError
+from mnist_jax.errors import UserError, describe
 from mnist_jax.files import write_json_atomic
 from mnist_jax.record import RunRecord
 
 EVAL_FILE = "eval.json"
+BLANK_NOTE = "the image is blank (no ink): this label means nothing"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +56,14 @@ def restore_run(run_dir: str | Path, overrides: dict[str, Any] | None = None) ->
                 try:
                     payload, _ = checkpoints.restore(kind, template, step)
                 except Exception as e:  # damaged, or saved for another model shape
-                    problems.append(f"{kind}/{step}: {type(e).__name__}")
+                    problems.append(f"{kind}/{step}: {describe(e)}")
                     continue
+                if problems:
+                    warnings.warn(
+                        f"checkpoint {problems[0]} could not be restored; using {kind}/{step} "
+                        "instead",
+                        stacklevel=2,
+                    )
                 return Restored(config, built, payload["state"], step, kind, class_names)
         finally:
             checkpoints.close()
@@ -99,6 +107,7 @@ class Prediction:
     label: str | None = None
     top: tuple[tuple[str, float], ...] = ()
     error: str | None = None
+    note: str | None = None  # e.g. a blank image: the label is a guess about nothing
 
 
 def predict_files(
@@ -109,7 +118,8 @@ def predict_files(
     loaded, results = [], []
     for path in paths:
         try:
-            loaded.append((str(path), images_lib.load_digit(path, invert=invert)))
+            size = restored.built.spec.height
+            loaded.append((str(path), images_lib.load_digit(path, invert=invert, size=size)))
         except UserError as e:
             results.append(Prediction(str(path), error=str(e)))
     if loaded:
@@ -120,9 +130,10 @@ def predict_files(
             parallel.jit(restored.built.eval_step)(restored.state, (batch_NxHxW, labels), mask)
         )
         names = restored.class_names
-        for (path, _), probs in zip(loaded, probs_NxC, strict=True):
+        for (path, image), probs in zip(loaded, probs_NxC, strict=True):
             order = np.argsort(-probs)[:top_k]
             top = tuple((names[i], float(probs[i])) for i in order)
-            results.append(Prediction(path, names[order[0]], top))
+            note = None if images_lib.has_ink(image) else BLANK_NOTE
+            results.append(Prediction(path, names[order[0]], top, note=note))
     by_path = {str(p): i for i, p in enumerate(paths)}
     return sorted(results, key=lambda r: by_path[r.path])

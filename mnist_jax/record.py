@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import math
 import secrets
+import shutil
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -25,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from mnist_jax.errors import UserError
-from mnist_jax.files import finite, write_json_atomic, write_text_atomic
+from mnist_jax.errors import UserError, first_line
+from mnist_jax.files import finite, storage_problem, write_json_atomic, write_text_atomic
 from mnist_jax.metrics import metric_key
 
 CONFIG_FILE = "config.json"
@@ -35,6 +36,8 @@ SUMMARY_FILE = "summary.json"
 PREDICTIONS_FILE = "predictions.npz"
 CHECKPOINTS_DIR = "checkpoints"
 LOCK_FILE = ".lock"
+# The status analysis shows for a run whose summary says "running" but whose process is gone.
+STALE = "stale"
 CHECKPOINT_KINDS = ("last", "best")
 
 # An epoch event is the one that carries the test accuracy; training events carry the train loss.
@@ -125,8 +128,18 @@ class RunRecord:
         saved = {"config": dict(config), "environment": dict(environment)}
         if model is not None:
             saved["model"] = dict(model)
-        write_json_atomic(record.config_path, saved)
-        record.update_summary(status="running")
+        try:
+            write_json_atomic(record.config_path, saved)
+            record.update_summary(status="running")
+        except OSError as e:
+            # A directory without its record would block the name and could not be resumed.
+            shutil.rmtree(run_dir, ignore_errors=True)
+            problem = storage_problem(e) or e.strerror or str(e)
+            raise UserError(
+                f"cannot write the run record in {run_dir}: {problem}; free some space or "
+                "choose another --runs-dir",
+                exit_code=1,
+            ) from None
         return record
 
     @classmethod
@@ -274,6 +287,24 @@ def looks_like_run(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in written)
 
 
+def writer_alive(run_dir: Path) -> bool:
+    """Whether a process is writing the run: it holds the run's writer lock while it lives,
+    and the system releases the lock when the process dies, however it dies (even SIGKILL).
+    Where advisory locks do not exist, every run counts as alive."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no advisory locks on this platform
+        return True
+    try:
+        with (Path(run_dir) / LOCK_FILE).open("rb") as f:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no lock file: no process ever wrote the run with a lock
+        return False
+    return False
+
+
 def load_run(path: str | Path) -> Run:
     """Reads a run directory, noting (not raising) anything missing, partial or damaged."""
     path = Path(path)
@@ -285,6 +316,12 @@ def load_run(path: str | Path) -> Run:
     environment = config_file.get("environment")
     model = config_file.get("model")  # written by newer training; older runs lack it
     summary = _read_json_object(path / SUMMARY_FILE, problems) or {}
+    if summary.get("status") == "running" and not writer_alive(path):
+        summary = {**summary, "status": STALE}
+        problems.append(
+            "its summary says running, but no process holds its writer lock: the training "
+            f"process died; continue it with `mnist-jax train --resume {path}`"
+        )
     return Run(
         path=path,
         name=path.resolve().name,
@@ -381,9 +418,3 @@ def number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return value if math.isfinite(value) else None
-
-
-def first_line(error: BaseException) -> str:
-    """An exception's message, first line only, for a one-line problem or note."""
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]

@@ -12,10 +12,9 @@ import contextlib
 import dataclasses
 import datetime as dt
 import platform
-import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +22,13 @@ import numpy as np
 
 from mnist_jax import data as data_lib
 from mnist_jax import metrics, models, parallel
-from mnist_jax.checkpoint import Checkpoints
+from mnist_jax.checkpoint import COPIES_AT_ONCE, Checkpoints, require_space
 from mnist_jax.config import Config, build_config
 from mnist_jax.errors import UserError
-from mnist_jax.files import atomic_write, write_json_atomic
+from mnist_jax.files import atomic_write, storage_problem, write_json_atomic
 from mnist_jax.record import RunRecord, default_run_name
-from mnist_jax.trainer import Trainer
+from mnist_jax.signals import StopRequest, stop_on_signals
+from mnist_jax.trainer import Trainer, checkpoint_bytes
 from mnist_jax.writers import MultiWriter, TestResults, Writer
 from mnist_jax.writers.progress import Progress
 from mnist_jax.writers.record import RecordWriter
@@ -52,42 +52,59 @@ class Stop(Exception):
         return cls("interrupted", f"stopped by a signal at step {step}")
 
 
-def fit(config: Config) -> int:
-    """Trains `config` into a new run directory; returns the process exit code."""
+def fit(config: Config, stop: StopRequest | None = None) -> int:
+    """Trains `config` into a new run directory; returns the process exit code.
+
+    `stop` is the caller's when it already listens for SIGINT/SIGTERM (the CLI does, from
+    before its imports); otherwise `fit` listens itself.
+    """
     from mnist_jax.writers.wandb import resolve_mode
 
-    resolve_mode(config.wandb)  # a bad $WANDB_MODE is reported before anything is written
-    dataset = load_data(config)
-    model = models.describe(config, dataset.spec)  # an unknown model, too
-    if config.tensorboard:
-        from mnist_jax.writers.tensorboard import require_tensorboardx
+    with _listening(stop) as stop:
+        resolve_mode(config.wandb)  # a bad $WANDB_MODE is reported before anything is written
+        dataset = load_data(config)
+        model = models.describe(config, dataset.spec)  # an unknown model, too
+        if config.tensorboard:
+            from mnist_jax.writers.tensorboard import require_tensorboardx
 
-        require_tensorboardx()
-    environment = describe_environment()
-    config = config.replace(name=config.name or default_run_name(config.dataset))
-    record = RunRecord.create(config.runs_dir, config.name, config.to_dict(), environment, model)
-    print(f"run directory: {record.dir}", flush=True)
-    return _run(config, dataset, record, environment, resume=False)
+            require_tensorboardx()
+        require_disk_space(config, dataset, config.runs_dir)
+        environment = describe_environment()
+        stop.raise_if_requested()  # Ctrl-C before the run exists: nothing to record
+        config = config.replace(name=config.name or default_run_name(config.dataset))
+        record = RunRecord.create(
+            config.runs_dir, config.name, config.to_dict(), environment, model
+        )
+        with record.writer_lock():
+            print(f"run directory: {record.dir}", flush=True)
+            return _run(config, dataset, record, environment, stop, resume=False)
 
 
-def resume(run_dir: str | Path, flags: Mapping[str, Any]) -> int:
+def resume(run_dir: str | Path, flags: Mapping[str, Any], stop: StopRequest | None = None) -> int:
     """Continues an interrupted or failed run from its last checkpoint."""
     record = RunRecord.open(run_dir)
-    given = {k: v for k, v in flags.items() if v is not None}
-    fixed = sorted(set(given) - set(RESUME_OVERRIDES))
-    if fixed:
-        raise UserError(
-            f"--resume continues the run with its own config; drop {', '.join(fixed)} "
-            f"(only {', '.join(RESUME_OVERRIDES)} may change)"
-        )
-    if record.summary.get("status") == "completed":
-        raise UserError(f"run {record.dir} already completed; start a new run instead")
-    saved = record.read_config()
-    config = build_config(saved["config"], given)
-    dataset = load_data(config)
-    if given:  # e.g. the data moved: evaluate and analyze should find it there too
-        write_json_atomic(record.config_path, {**saved, "config": config.to_dict()})
-    return _run(config, dataset, record, saved.get("environment", {}), resume=True)
+    with _listening(stop) as stop, record.writer_lock():  # before anything is written
+        given = {k: v for k, v in flags.items() if v is not None}
+        fixed = sorted(set(given) - set(RESUME_OVERRIDES))
+        if fixed:
+            raise UserError(
+                f"--resume continues the run with its own config; drop {', '.join(fixed)} "
+                f"(only {', '.join(RESUME_OVERRIDES)} may change)"
+            )
+        if record.summary.get("status") == "completed":
+            raise UserError(f"run {record.dir} already completed; start a new run instead")
+        saved = record.read_config()
+        config = build_config(saved["config"], given)
+        dataset = load_data(config)
+        require_disk_space(config, dataset, record.dir)
+        stop.raise_if_requested()
+        if given:  # e.g. the data moved: evaluate and analyze should find it there too
+            write_json_atomic(record.config_path, {**saved, "config": config.to_dict()})
+        return _run(config, dataset, record, saved.get("environment", {}), stop, resume=True)
+
+
+def _listening(stop: StopRequest | None) -> contextlib.AbstractContextManager[StopRequest]:
+    return contextlib.nullcontext(stop) if stop is not None else stop_on_signals()
 
 
 def load_data(config: Config) -> data_lib.Dataset:
@@ -104,6 +121,19 @@ def load_data(config: Config) -> data_lib.Dataset:
             "training images; choose a smaller --batch-size"
         )
     return dataset
+
+
+def require_disk_space(config: Config, dataset: data_lib.Dataset, directory: str | Path) -> None:
+    """A disk too small for the run's checkpoints is found now, not at the first epoch end."""
+    nbytes = COPIES_AT_ONCE * checkpoint_bytes(config, dataset.spec)
+    try:
+        require_space(Path(directory), nbytes, "checkpoints")
+    except OSError as e:
+        raise UserError(
+            f"cannot train into {directory}: {storage_problem(e)}; free some space or choose "
+            "another --runs-dir",
+            exit_code=EXIT_FAILED,
+        ) from None
 
 
 def describe_environment() -> dict[str, Any]:
@@ -150,32 +180,44 @@ def _run(
     dataset: data_lib.Dataset,
     record: RunRecord,
     environment: Mapping[str, Any],
+    stop: StopRequest,
     *,
     resume: bool,
 ) -> int:
+    """The phases of a run whose record exists and whose writer lock is held."""
     writer, loop = MultiWriter([]), None
-    with record.writer_lock(), _stop_on_signals() as stop:
-        try:
-            loop = Loop(config, dataset, record, Trainer(config, dataset))
-            if resume:
-                loop.restore()
-            writer = loop.writer = open_writers(config, record, environment, loop.progress)
-            record.update_summary(status="running", message=None, **writer.info)
-            status, message = loop.train(stop)
-            if status == "completed":
-                write_final_record(loop)
-            totals = loop.clock.totals(
-                loop.trainer.step, config.batch_size, loop.trainer.compile_seconds
+    try:
+        loop = Loop(config, dataset, record, Trainer(config, dataset))
+        if resume:
+            loop.restore()
+        writer = loop.writer = open_writers(config, record, environment, loop.progress)
+        record.update_summary(status="running", message=None, **writer.info)
+        status, message = loop.train(stop)
+        if status == "completed":
+            write_final_record(loop)
+        totals = loop.clock.totals(
+            loop.trainer.step, config.batch_size, loop.trainer.compile_seconds
+        )
+        record.update_summary(status=status, message=message, **totals)
+    except BaseException as e:
+        # Not a planned stop: the record says so (where the disk still lets it) before the
+        # error goes on up. A disk that refuses to write is the user's to fix: one line.
+        problem = storage_problem(e)
+        message = f"{type(e).__name__}: {e}"
+        if problem is not None:
+            message = (
+                f"cannot write the run record in {record.dir}: {problem}; free some space, "
+                f"then continue the run with `mnist-jax train --resume {record.dir}`"
             )
-            record.update_summary(status=status, message=message, **totals)
-        except BaseException as e:
-            # Not a planned stop: the record says so before the error goes on up.
-            record.update_summary(status="failed", message=f"{type(e).__name__}: {e}")
-            writer.close("failed", record.summary)
-            raise
-        finally:
-            if loop is not None:
-                loop.checkpoints.close()
+        with contextlib.suppress(OSError):
+            record.update_summary(status="failed", message=message)
+        writer.close("failed", record.summary)
+        if problem is not None:
+            raise UserError(message, exit_code=EXIT_FAILED) from None
+        raise
+    finally:
+        if loop is not None:
+            loop.checkpoints.close()
     writer.close(status, record.summary)
     print(f"{status}: {record.dir}", flush=True)
     return {"completed": EXIT_OK, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_FAILED)
@@ -307,12 +349,17 @@ class Loop:
         """A train event over the steps since the last one; catches a non-finite loss."""
         sums, step = self.trainer.take_interval(), self.trainer.step
         if sums.first_bad_step >= 0:
+            kept = self.checkpoints.latest_step("last")
             raise Stop(
                 "failed",
-                f"the training loss became non-finite at step {int(sums.first_bad_step)}; "
-                f"the learning rate ({self.config.lr}) is likely too high for "
-                f"{self.config.optimizer}: try a smaller --lr or --grad-clip 1.0 "
-                "(the last good checkpoint is kept)",
+                f"the training loss became non-finite at step {int(sums.first_bad_step)} "
+                f"(found at step {step}); the learning rate ({self.config.lr}) is likely too "
+                f"high for {self.config.optimizer}: try a smaller --lr or --grad-clip 1.0 "
+                + (
+                    f"(the last good checkpoint, at step {kept}, is kept)"
+                    if kept is not None
+                    else "(no checkpoint was saved: it diverged within the first epoch)"
+                ),
             )
         event = {
             "epoch": step / self.trainer.steps_per_epoch,
@@ -383,19 +430,3 @@ def write_final_record(loop: Loop) -> None:
     best = loop.checkpoints.directory / "best" / str(loop.best_step)
     metadata = {k: v for k, v in loop.record.summary.items() if k.startswith(TEST_PREFIX)}
     loop.writer.write_checkpoint(best, metadata)
-
-
-@contextlib.contextmanager
-def _stop_on_signals() -> Iterator[Any]:
-    """SIGINT and SIGTERM ask the loop to stop at the next step boundary."""
-    requested = []
-
-    def handler(signum: int, frame: Any) -> None:
-        requested.append(signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield lambda: bool(requested)
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)

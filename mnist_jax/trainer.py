@@ -11,10 +11,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mnist_jax import parallel, steps
+from mnist_jax import checkpoint, parallel, steps
 from mnist_jax.config import Config
 
 
@@ -22,6 +23,14 @@ def default_steps_per_call(backend: str) -> int:
     """Measured: on XLA:CPU one step per call is fastest (a scanned convolution gradient is
     ~25x slower there); on GPU/TPU per-call dispatch dominates, so scan many steps per call."""
     return 1 if backend == "cpu" else 50
+
+
+def checkpoint_bytes(config: Config, spec: Any) -> int:
+    """The size of one checkpoint of this config's training (state and sums), computed from
+    shapes alone."""
+    built = steps.build(config, spec, total_steps=1)
+    abstract = jax.eval_shape(lambda: {"state": built.init(), "sums": steps.Sums.zeros()})
+    return checkpoint.payload_bytes(abstract)
 
 
 class Trainer:

@@ -164,8 +164,8 @@ def fake_train(monkeypatch):
     """`train` without training: records the `Config` given to fit and the flags given to resume."""
     calls: list[object] = []
     module = types.ModuleType("mnist_jax.train")
-    module.fit = lambda config: calls.append(config) or 0
-    module.resume = lambda run_dir, flags: calls.append((run_dir, flags)) or 0
+    module.fit = lambda config, stop=None: calls.append(config) or 0
+    module.resume = lambda run_dir, flags, stop=None: calls.append((run_dir, flags)) or 0
     monkeypatch.setitem(sys.modules, "mnist_jax.train", module)
     return calls
 

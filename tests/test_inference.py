@@ -136,3 +136,26 @@ def test_evaluate_reads_only_and_reports_damaged_checkpoints_in_one_line(run_dir
 def test_predict_names_a_directory_given_as_an_image(run_dir, tmp_path):
     result = runner.invoke(app, ["predict", str(run_dir), str(tmp_path)])
     assert result.exit_code == 1 and f"error: {tmp_path}: " in result.output
+
+
+def test_predict_notes_that_a_blank_image_has_a_meaningless_label(run_dir, mnist, tmp_path):
+    blank, digit = tmp_path / "blank.png", tmp_path / "digit.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(blank)
+    Image.fromarray(mnist.test.images[0]).save(digit)
+    result = runner.invoke(app, ["predict", str(run_dir), str(blank), str(digit)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith(str(blank)) and "note: the image is blank" in lines[0]
+    assert lines[1].startswith(str(digit)) and "note:" not in lines[1]
+
+
+def test_a_digit_is_laid_out_for_the_datasets_own_image_size(mnist, tmp_path):
+    path = tmp_path / "big.png"
+    Image.fromarray(np.kron(mnist.test.images[0], np.ones((4, 4), np.uint8))).save(path)
+    for size in (28, 32):
+        converted = images.load_digit(path, size=size)
+        assert converted.shape == (size, size)
+        rows, cols = np.indices(converted.shape)
+        mass = converted.astype(float)
+        assert abs((rows * mass).sum() / mass.sum() - size / 2) < 1.0
+        assert abs((cols * mass).sum() / mass.sum() - size / 2) < 1.0

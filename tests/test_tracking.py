@@ -96,3 +96,38 @@ def test_a_run_being_written_cannot_be_written_by_a_second_process(tmp_path):
         assert "being written by another mnist-jax process" in out
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
     assert out.strip() == "locked"
+
+
+def test_storage_failures_are_told_apart_from_other_errors():
+    import errno
+
+    from mnist_jax.files import storage_problem
+
+    assert storage_problem(OSError(errno.ENOSPC, "No space left on device")) == (
+        "no space left on the device"
+    )
+    assert storage_problem(OSError(errno.ENOSPC, "checkpoints: about 3 MB needed")) == (
+        "no space left on the device (checkpoints: about 3 MB needed)"
+    )
+    orbax_style = ValueError('RESOURCE_EXHAUSTED: Failed writing "x": No space left on device')
+    assert storage_problem(orbax_style) == "no space left on the device"
+    assert storage_problem(OSError(errno.EDQUOT, "Disk quota exceeded")) is not None
+    assert storage_problem(ValueError("shapes do not match")) is None
+    assert storage_problem(OSError(errno.ENOENT, "No such file")) is None
+
+
+def test_a_run_whose_writer_died_reads_as_stale(tmp_path):
+    import fcntl
+
+    from mnist_jax.record import load_run
+
+    record = RunRecord.create(tmp_path, "run", {"lr": 0.1}, {})
+    with record.writer_lock():
+        assert load_run(record.dir).status == "running"
+        # Another process's view: a second open file description sees the lock held.
+        with (record.dir / ".lock").open("rb") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    stale = load_run(record.dir)
+    assert stale.status == "stale"
+    assert any("no process holds its writer lock" in p for p in stale.problems)
+    assert json.loads((record.dir / "summary.json").read_text())["status"] == "running"

@@ -392,10 +392,17 @@ def test_offline_mirror_records_config_history_evaluation_checkpoint_and_summary
     expected_config = {**config.to_dict(), "environment": ENVIRONMENT}
     assert {k: v for k, v in logged.config.items() if k != "_wandb"} == expected_config
 
-    # History: one row per step, holding every event logged at that step (later wins).
+    # History: one row per step, holding every event logged at that step. W&B keeps one value
+    # per key and step, so a second event's colliding split/name keys go to split_epoch/name:
+    # train/loss stays the interval's at an epoch end too.
     expected_rows: dict[int, dict[str, Any]] = {}
     for event in events:
-        expected_rows.setdefault(event["step"], {}).update(event)
+        row = expected_rows.setdefault(event["step"], {})
+        for key, value in event.items():
+            if key in row and "/" in key:
+                split, name = key.split("/", 1)
+                key = f"{split}_epoch/{name}"
+            row[key] = value
     assert [row["_step"] for row in logged.history] == sorted(expected_rows)
     for step, expected in expected_rows.items():
         row = logged.row(step)
@@ -683,7 +690,7 @@ def test_sweep_trials_parse_as_train_flags(monkeypatch):
 
     configs: list[Config] = []
     fake_train = types.ModuleType("mnist_jax.train")
-    fake_train.fit = lambda config: configs.append(config) or 0
+    fake_train.fit = lambda config, stop=None: configs.append(config) or 0
     monkeypatch.setitem(sys.modules, "mnist_jax.train", fake_train)
     params = sweep["parameters"]
     longest = max(len(sweep_samples(spec)) for spec in params.values())
@@ -723,15 +730,21 @@ def test_training_run_is_mirrored_exactly(tmp_path, tiny_config, clean_wandb_env
     assert {k: v for k, v in logged.config.items() if k not in ("_wandb", "environment")} == (
         record.read_config()["config"]
     )
-    # Every event is in the history; epoch events (those with test metrics) exactly.
+    # Every event is in the history exactly. An epoch event shares its step with the last
+    # interval's train event: W&B keeps one value per key and step, so the epoch's train means
+    # go under train_epoch/ and train/ stays the interval's, as in every other row.
     assert [row["_step"] for row in logged.history] == sorted({e["step"] for e in events})
     epoch_events = [e for e in events if "test/accuracy" in e]
     assert len(epoch_events) == 2
-    for event in epoch_events:
+    for event in events:
         row = logged.row(event["step"])
+        is_epoch = event in epoch_events
         for key, value in event.items():
-            if key != "step":
-                assert same(value, row[key]), (key, value, row[key])
+            if key == "step" or (is_epoch and key == "epoch"):
+                continue
+            moved = is_epoch and key.startswith("train/")
+            name = key.replace("train/", "train_epoch/") if moved else key
+            assert same(value, row[name]), (key, value, row[name])
     # The summary holds summary.json's test metrics (and the rest of it).
     test_keys = [k for k in summary if k.startswith("test/")]
     assert "test/confusion_matrix" in test_keys and len(test_keys) > 50

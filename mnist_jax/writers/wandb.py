@@ -14,6 +14,7 @@ import math
 import netrc
 import os
 import re
+import socket
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +23,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from mnist_jax.errors import UserError
+from mnist_jax.errors import UserError, describe
 from mnist_jax.writers import TestResults, Writer
 
 if TYPE_CHECKING:
@@ -32,6 +33,8 @@ DEFAULT_BASE_URL = "https://api.wandb.ai"
 # wandb.init waits this long for an unreachable server (its default is 90 s); users can still
 # choose with WANDB_INIT_TIMEOUT. After it, the mirror falls back to offline.
 INIT_TIMEOUT_SECONDS = 30.0
+# A server that does not accept a TCP connection in this time is taken as unreachable.
+CONNECT_TIMEOUT_SECONDS = 3.0
 # At the end of a run, wait at most this long for uploads (WANDB_FINISH_TIMEOUT overrides);
 # what is not uploaded stays on disk for `wandb sync`.
 FINISH_TIMEOUT_SECONDS = 300.0
@@ -72,6 +75,7 @@ class WandbMirror(Writer):
         # any step below it, so those replayed events are skipped quietly.
         self._first_step = int(getattr(run, "starting_step", 0) or 0)
         self._last_step: int | None = None
+        self._last_keys: set[str] = set()
         self.info = {
             "wandb/run_id": run.id,
             "wandb/mode": mode,
@@ -84,7 +88,13 @@ class WandbMirror(Writer):
         try:
             if step < self._first_step:
                 return
-            self._run.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
+            values = {k: v for k, v in metrics.items() if k != "step"}
+            if step == self._last_step:
+                values = {_second_name(k, self._last_keys): v for k, v in values.items()}
+                self._last_keys |= set(values)
+            else:
+                self._last_keys = set(values)
+            self._run.log(values, step=step)
             self._last_step = step
         except Exception as e:
             self._fail("log metrics", e)
@@ -162,7 +172,7 @@ class WandbMirror(Writer):
                 self._broken_run.finish(exit_code=1)
         except Exception as e:
             if run is not None:
-                _warn(f"W&B mirror: could not finish the W&B run ({_describe(e)})")
+                _warn(f"W&B mirror: could not finish the W&B run ({describe(e)})")
         finally:
             self._broken_run = None
             _restore_env(self._restore_env)
@@ -178,7 +188,7 @@ class WandbMirror(Writer):
         """
         self._broken_run, self._run = self._run, None
         _warn(
-            f"W&B mirror stopped: could not {what} ({_describe(error)}); training goes on "
+            f"W&B mirror stopped: could not {what} ({describe(error)}); training goes on "
             "and the run directory stays complete"
         )
 
@@ -222,16 +232,18 @@ def start_mirror(
                 settings=wandb.Settings(**_settings(mode)),
             )
 
+        if mode == "online" and (unreachable := _unreachable(_base_url())):
+            mode, reason = "offline", f"could not start the online W&B run ({unreachable})"
         try:
             run = init(mode)
         except Exception as e:
             if mode != "online":
                 raise
             run, mode = init("offline"), "offline"
-            reason = f"could not start the online W&B run ({_describe(e)})"
+            reason = f"could not start the online W&B run ({describe(e)})"
     except Exception as e:
         _restore_env(restore_env)
-        _warn(f"W&B mirror off: could not start W&B ({_describe(e)}); training goes on without it")
+        _warn(f"W&B mirror off: could not start W&B ({describe(e)}); training goes on without it")
         return Writer()
     mirror = WandbMirror(run, mode, secrets, restore_env)
     if mode == "offline":
@@ -284,6 +296,21 @@ def _base_url() -> str:
     return parser.get("default", "base_url", fallback=DEFAULT_BASE_URL)
 
 
+def _unreachable(url: str) -> str | None:
+    """Why the W&B server cannot be reached, found in seconds (None when it answers).
+
+    wandb.init waits out its whole timeout for a server that never answers; a plain TCP
+    connection tells in at most CONNECT_TIMEOUT_SECONDS, and the run goes offline at once.
+    """
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "", port), CONNECT_TIMEOUT_SECONDS):
+            return None
+    except OSError as e:
+        return f"{parts.hostname}:{port} is unreachable: {e.strerror or describe(e)}"
+
+
 def _settings(mode: str) -> dict[str, Any]:
     """wandb.Settings for a mirror; a setting the user gave as WANDB_<NAME> is left to them."""
     ours: dict[str, Any] = {
@@ -317,6 +344,17 @@ def _restore_env(previous: dict[str, str | None]) -> None:
         else:
             os.environ[var] = value
     previous.clear()
+
+
+def _second_name(key: str, logged: set[str]) -> str:
+    """W&B keeps one value per key and step: a second event at a step (the epoch event after
+    the last interval's train event) moves its colliding `split/name` keys to
+    `split_epoch/name`, so both survive (`train/loss` stays the interval's, as in every other
+    row)."""
+    if key not in logged or "/" not in key:
+        return key
+    split, name = key.split("/", 1)
+    return f"{split}_epoch/{name}"
 
 
 def confusion_chart(confusion_CxC: np.ndarray, class_names: tuple[str, ...]) -> Any:
@@ -455,11 +493,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _describe(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _warn(message: str) -> None:
