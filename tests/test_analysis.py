@@ -711,3 +711,258 @@ def test_analyze_a_real_training_run(tmp_path, mnist_dir):
     )
     page = report.read_text()
     assert 'id="run-tiny"' in page and "Missing or unreadable" not in page
+
+
+# --------------------------------------------------------------------------------------------
+# The output directory is checked before any work
+# --------------------------------------------------------------------------------------------
+
+
+def _no_work(monkeypatch) -> None:
+    """Makes any analysis work fail loudly: the output check must come first."""
+    from mnist_jax.analysis import build
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started before the output directory was checked")
+
+    monkeypatch.setattr(build, "analyze_run", forbidden)
+    monkeypatch.setattr(build, "_CachingLoader", forbidden)
+
+
+def _analyze_cli(out: Path, runs: Path) -> Any:
+    return CliRunner().invoke(app, ["analyze", "--out", str(out), "--runs-dir", str(runs)])
+
+
+def _assert_one_line_out_error(result: Any, out: Path, reason: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert lines == [f"error: cannot write to {out} ({reason}): choose another --out"], lines
+    assert "Traceback" not in result.output
+
+
+def test_out_under_a_regular_file_is_a_one_line_error_before_any_work(
+    tmp_path, test_labels, monkeypatch
+):
+    # mkdir fails under a file whoever runs it, root included.
+    write_run(tmp_path / "runs", "r", test_labels=test_labels, predictions=False)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    _no_work(monkeypatch)
+    out = blocker / "sub" / "out"
+    _assert_one_line_out_error(_analyze_cli(out, tmp_path / "runs"), out, "Not a directory")
+    assert blocker.read_text() == "keep me"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="permission bits do not stop root")
+def test_read_only_out_is_a_one_line_error_before_any_work(tmp_path, test_labels, monkeypatch):
+    write_run(tmp_path / "runs", "r", test_labels=test_labels, predictions=False)
+    out = tmp_path / "read-only"
+    out.mkdir()
+    out.chmod(0o555)
+    _no_work(monkeypatch)
+    try:
+        result = _analyze_cli(out, tmp_path / "runs")
+    finally:
+        out.chmod(0o755)
+    _assert_one_line_out_error(result, out, "Permission denied")
+    assert list(out.iterdir()) == []
+
+
+def test_unwritable_out_leaves_nothing_behind(tmp_path, test_labels, monkeypatch):
+    # A directory that can be made but not written in (a read-only mount, say): the write probe
+    # fails, as it would for root too, and the directories made for it are removed again.
+    import tempfile
+
+    def read_only_file_system(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    write_run(tmp_path / "runs", "r", test_labels=test_labels, predictions=False)
+    monkeypatch.setattr(tempfile, "mkstemp", read_only_file_system)
+    _no_work(monkeypatch)
+    out = tmp_path / "new" / "deeper" / "out"
+    _assert_one_line_out_error(_analyze_cli(out, tmp_path / "runs"), out, "Read-only file system")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+# --------------------------------------------------------------------------------------------
+# Figures: limits, ticks and labels (the figure is caught before it becomes a PNG)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The matplotlib figures the run figure functions draw, in order."""
+    from mnist_jax.analysis import run_plots
+
+    figures: list[Any] = []
+
+    def keep(fig):
+        fig.canvas.draw()
+        figures.append(fig)
+        return PNG_SIGNATURE
+
+    monkeypatch.setattr(run_plots, "to_png", keep)
+    return figures
+
+
+def _one_epoch_curves(accuracy: float, loss: float) -> dict[str, np.ndarray]:
+    return {"epoch": np.array([1.0]), "test/accuracy": np.array([accuracy]),
+            "train/loss": np.array([loss])}  # fmt: skip
+
+
+def test_one_epoch_comparison_has_whole_epochs_and_accuracy_at_most_1(drawn):
+    from mnist_jax.analysis import run_plots
+
+    run_plots.comparison_curves(
+        {"a": _one_epoch_curves(0.9991, 0.031), "b": _one_epoch_curves(0.955, 0.5)}, "compared"
+    )
+    acc_ax, loss_ax = drawn[0].axes
+    for ax in (acc_ax, loss_ax):
+        assert ax.get_xlim() == (0.0, 2.0)
+        ticks = [t for t in ax.get_xticks() if 0 <= t <= 2]
+        assert ticks == [0, 1, 2]
+        for line in ax.get_lines():
+            assert line.get_marker() == "o"  # a lone point is visible
+    low, high = acc_ax.get_ylim()
+    assert high <= 1.0 and low <= 0.955 and high >= 0.9991
+    assert low > 0.9  # around the points, not from 0
+
+    run_plots.comparison_curves({"a": _one_epoch_curves(0.99, 0.1)}, "one run")
+    low, high = drawn[1].axes[0].get_ylim()
+    assert high <= 1.0 and low < 0.99 < high  # matplotlib alone gives 0.9405-1.0395
+
+
+@pytest.mark.parametrize(
+    "losses",
+    [(0.036, 0.031), (0.9, 0.02), (1.9, 1.35), (1.9, 0.3), (2.3, 1e-4), (0.5002, 0.5)],
+    ids=["narrow", "1.5-decades", "one-epoch", "under-a-decade", "4-decades", "flat"],
+)
+def test_loss_axis_has_at_least_three_labelled_ticks(drawn, losses):
+    from mnist_jax.analysis import run_plots
+
+    first, last = losses
+    curves = {"epoch": np.array([1.0, 2.0, 3.0]),
+              "train/loss": np.array([first, (first + last) / 2, last]),
+              "test/loss": np.array([first, first, last]),
+              "train/accuracy": np.array([0.9, 0.95, 0.97])}  # fmt: skip
+    run_plots.learning_curves(curves, "losses")
+    loss_ax = drawn[0].axes[0]
+    assert loss_ax.get_yscale() == "log"
+    low, high = loss_ax.get_ylim()
+    assert low <= last and first <= high
+    labelled = [
+        (tick.get_loc(), tick.label1.get_text())
+        for tick in loss_ax.yaxis.get_major_ticks()
+        if low <= tick.get_loc() <= high and tick.label1.get_visible() and tick.label1.get_text()
+    ]
+    assert len(labelled) >= 3, (loss_ax.get_ylim(), labelled)
+    for location, text in labelled:  # plain numbers that read back as the tick's value
+        assert float(text) == pytest.approx(location, rel=1e-5)
+    assert len({text for _, text in labelled}) == len(labelled)
+
+
+@pytest.mark.parametrize(
+    ("value", "digits", "expected"),
+    [(0.99995, 4, "0.99995"), (0.9999999, 4, "0.9999999"), (0.97645, 4, f"{0.97645:.4f}"),
+     (1.0, 4, "1.0000"), (0.5, 4, "0.5000"), (0.999996, 5, "0.999996")],
+)  # fmt: skip
+def test_scores_below_1_never_read_as_1(value, digits, expected):
+    from mnist_jax.analysis.plots import score_text
+
+    assert score_text(value, digits) == expected
+    almost = 1 - 1e-15  # closer to 1 than any decimals shown
+    assert score_text(almost).startswith("0.") and float(score_text(almost)) < 1
+    assert score_text(float("nan")) == "nan"
+
+
+def test_roc_pr_figure_labels_and_zoom(tmp_path, test_labels, drawn):
+    from mnist_jax.analysis import run_plots
+
+    labels = np.random.default_rng(0).integers(0, 10, 3000)
+    path = write_run(tmp_path, "good", test_labels=labels, accuracy=0.995, seed=4)
+    ranking = analysis.analyze_run(analysis.load_run(path)).ranking
+    auroc = ranking.auroc_C.copy()
+    auroc[1] = 0.99995
+    names = [str(c) for c in range(10)]
+    run_plots.roc_pr_curves(ranking.roc, ranking.pr, auroc, ranking.average_precision_C, names, "t")
+    fig = drawn[0]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "AUROC 0.99995," in legend[1] and "1.0000" not in " ".join(legend)
+
+    # The PR panel is zoomed onto the knees: every class's best-F1 point (from sklearn's curve,
+    # computed here) lies inside it, and the zoom is real (far from the unzoomed 0-1).
+    pr_ax = fig.axes[1]
+    (x_low, x_high), (y_low, y_high) = pr_ax.get_xlim(), pr_ax.get_ylim()
+    assert 0.5 < x_low == y_low and x_high >= 1.0 and y_high >= 1.0
+    assert "zoomed" in pr_ax.get_xlabel() and "zoomed" in pr_ax.get_ylabel()
+    assert "zoomed" in pr_ax.get_title()
+    probs = np.load(path / "predictions.npz")["probs"]
+    for c in range(10):
+        precision, recall, _ = skm.precision_recall_curve(labels == c, probs[:, c])
+        f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+        knee = np.argmax(f1)
+        assert x_low < recall[knee] and y_low < precision[knee]
+        # with a margin of at least the knee's own distance from 1
+        assert x_low <= 1 - 2 * (1 - recall[knee]) and y_low <= 1 - 2 * (1 - precision[knee])
+
+    # A weak classifier's curves span the whole panel: no zoom, and the labels say so.
+    weak = write_run(tmp_path, "weak", test_labels=labels, accuracy=0.3, seed=5)
+    ranking = analysis.analyze_run(analysis.load_run(weak)).ranking
+    run_plots.roc_pr_curves(ranking.roc, ranking.pr, ranking.auroc_C,
+                            ranking.average_precision_C, names, "t")  # fmt: skip
+    pr_ax = drawn[1].axes[1]
+    assert pr_ax.get_xlim()[0] == 0 and pr_ax.get_xlabel() == "recall"
+
+
+def test_report_pixel_table_is_rounded_while_the_json_is_exact(bare_analysis, mnist):
+    root, output = bare_analysis
+    page = (root / "analysis" / "report.html").read_text()
+    pixels = mnist.train.images.reshape(-1).astype(np.float64)
+    mean_0_1 = float(Fraction(int(pixels.sum()), 255 * pixels.size))
+    assert f'<td class="num">{mean_0_1:.6g}</td>' in page
+    assert f'<td class="num">{pixels.mean():.6g}</td>' in page  # mean (0-255)
+    assert f'<td class="num">{pixels.std():.6g}</td>' in page  # std (0-255)
+    assert f'<td class="num">{mean_0_1!r}</td>' not in page
+    cells = [c.split("<")[0] for c in page.split('<td class="num">')[1:]]
+    numbers = [c for c in cells if c.replace(".", "").isdigit() and "." in c]
+    assert numbers and all(len(c.replace(".", "").lstrip("0")) <= 6 for c in numbers), numbers
+    stats = json.loads((root / "analysis" / "dataset_stats.json").read_text())
+    assert stats["splits"]["train"]["pixel_mean_0_1"] == mean_0_1  # every digit kept
+
+
+# --------------------------------------------------------------------------------------------
+# A stale run (its writer killed) is shown as stopped
+# --------------------------------------------------------------------------------------------
+
+
+def test_stale_run_is_shown_like_an_interrupted_one(tmp_path, test_labels):
+    from mnist_jax.analysis import report, sections
+
+    runs = tmp_path / "runs"
+    same = {"test_labels": test_labels, "accuracy": 0.9, "epochs_done": 1, "predictions": False}
+    write_run(runs, "killed", status="stale", **same)  # as load_run reports a dead writer
+    write_run(runs, "stopped", status="interrupted", **same)
+    summary = json.loads((runs / "killed" / "summary.json").read_text())
+    assert summary["status"] == "stale"
+
+    result = CliRunner().invoke(
+        app, ["analyze", "--no-dataset", "--runs-dir", str(runs), "--out", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 0, result.output
+    assert any("killed" in line and "stale" in line for line in result.output.splitlines())
+
+    page = (tmp_path / "out" / "report.html").read_text()
+    color = report.STATUS_COLORS["stale"]
+    assert color not in (report._UNKNOWN_COLOR, report.STATUS_COLORS["completed"])
+    assert f'<span class="badge" style="background:{color}">stale</span>' in page
+    with (tmp_path / "out" / "runs.csv").open() as f:
+        by_name = {r["name"]: r for r in csv.DictReader(f)}
+    assert by_name["killed"]["status"] == "stale"
+
+    # Same numbers, same row as the interrupted run, but for the name and the status badge.
+    rows = [analysis.comparison_row(analysis.analyze_run(analysis.load_run(runs / n)))
+            for n in ("killed", "stopped")]  # fmt: skip
+    killed, stopped = sections.comparison_table(rows).rows
+    assert killed[1:-1] == stopped[1:-1]
+    epochs = sections.comparison_table(rows).headers.index("epochs")
+    assert killed[epochs] == "1/3"  # stopped early, shown as such

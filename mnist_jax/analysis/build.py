@@ -7,8 +7,11 @@ damaged is shown with what is missing. Either alone is an error only when nothin
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,10 +63,7 @@ def analyze(
             "--runs-dir or --runs at directories written by `mnist-jax train`, or drop --no-dataset"
         )
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create output directory {out}: {e.strerror}") from None
+    _check_writable(out)
     loader = _CachingLoader(data_dir)
 
     dataset_section, dataset_note = None, "Dataset analysis skipped (--no-dataset)."
@@ -94,6 +94,28 @@ def analyze(
         runs_note=runs_note,
     )
     return report_lib.write(report, out / "report.html")
+
+
+def _check_writable(out: Path) -> None:
+    """Creates `out` and proves it writable (a file made and removed in it) before any work, so
+    a bad --out fails in a moment with one line rather than after the analysis.
+
+    The permission bits are not read: they do not stop root, and a read-only file system or a
+    path under a regular file fails only when tried. On failure the directories made here are
+    removed again, so nothing is left behind.
+    """
+    created = [p for p in (out, *out.parents) if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".analyze-", dir=out)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as e:
+        for directory in created:  # deepest first
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        reason = e.strerror or type(e).__name__
+        raise UserError(f"cannot write to {out} ({reason}): choose another --out") from None
 
 
 class _CachingLoader:
@@ -139,9 +161,10 @@ def _dataset_part(data: Dataset, out: Path, console: Console) -> report_lib.Data
     """dataset_stats.json, the statistics tables on the console, and the dataset section."""
     stats = dataset_stats(data)
     write_text_atomic(out / "dataset_stats.json", json.dumps(stats, indent=2) + "\n")
-    tables = sections.dataset_tables(stats)
-    _print_table(console, f"{data.name}: pixel statistics (exact, float64)", tables[0])
-    _print_table(console, f"{data.name}: images per class", tables[1])
+    exact = sections.dataset_tables(stats, significant=None)
+    _print_table(console, f"{data.name}: pixel statistics (exact, float64)", exact[0])
+    _print_table(console, f"{data.name}: images per class", exact[1])
+    tables = sections.dataset_tables(stats)  # the report's, rounded; the JSON keeps every digit
     return sections.dataset_section(data, stats, tables, out / "figures" / "dataset")
 
 

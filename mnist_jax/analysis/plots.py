@@ -9,6 +9,7 @@ imported inside the functions to keep importing this module cheap.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -164,6 +165,18 @@ def short(text: Any, limit: int) -> str:
     """`text` cut to `limit` characters, an ellipsis marking the cut."""
     text = str(text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def score_text(value: float, digits: int = 4) -> str:
+    """`value` with `digits` decimals, never rounded up to 1 (or 100%): a score below 1 shows as
+    many more digits as it takes to tell it from 1 (0.99995 is '0.99995', not '1.0000')."""
+    text = f"{value:.{digits}f}"
+    while text.startswith("1.") and value < 1 and digits < 12:
+        digits += 1
+        text = f"{value:.{digits}f}"
+    if text.startswith("1.") and value < 1:  # within 1e-12 of 1: cut rather than round
+        text = f"{math.floor(value * 10**digits) / 10**digits:.{digits}f}"
+    return text
 
 
 def class_xticks(ax: Any, x: np.ndarray, class_names: Sequence[str]) -> None:

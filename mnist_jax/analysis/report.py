@@ -17,10 +17,13 @@ from typing import Any
 
 from mnist_jax.files import write_bytes_atomic
 
+# A run's status as `mnist_jax.record.load_run` reports it. `stale` is a run whose summary still
+# says running but whose writer is gone (killed): stopped like `interrupted`, in a darker shade.
 STATUS_COLORS = {
     "completed": "#1b7f3b",
     "running": "#1f5fbf",
     "interrupted": "#c26a00",
+    "stale": "#8a4b08",
     "failed": "#b00020",
 }
 _UNKNOWN_COLOR = "#666666"

@@ -9,7 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from mnist_jax.analysis.plots import SPLIT_COLORS, class_xticks, new_figure, short, to_png
+from mnist_jax.analysis.plots import (
+    SPLIT_COLORS,
+    class_xticks,
+    new_figure,
+    score_text,
+    short,
+    to_png,
+)
 from mnist_jax.metrics import metric_key
 
 
@@ -53,8 +60,9 @@ def learning_curves(curves: Mapping[str, np.ndarray], title: str) -> bytes:
             ax.legend(fontsize=9)
     if _positive(curves, "loss"):
         _log_y(loss_ax)
+    _accuracy_y(acc_ax)
     for ax in (loss_ax, acc_ax):
-        _integer_x(ax)
+        _epoch_x(ax)
     fig.suptitle(title, fontsize=13)
     return to_png(fig)
 
@@ -113,7 +121,7 @@ def per_class_bars(
         ax.bar(x + (i - (len(scores) - 1) / 2) * width, values, width, label=name)
         if np.isfinite(values).any():
             lowest = min(lowest, float(np.nanmin(values)))
-    bottom = np.floor(min(max(0.0, lowest - 0.25 * (1.0 - lowest) - 0.005), 0.99) * 100) / 100
+    bottom = _zoom_bottom(lowest)
     ax.set_ylim(bottom, 1.0)
     class_xticks(ax, x, class_names)
     ax.set_xlabel("class")
@@ -135,7 +143,9 @@ def roc_pr_curves(
     """One-vs-rest ROC curves (log-scale false positive rate) and precision-recall curves.
 
     `roc[k]` is (fpr, tpr) and `pr[k]` is (recall, precision) for class k. A log FPR axis is
-    what separates good classifiers: on a linear axis every MNIST curve is the corner.
+    what separates good classifiers: on a linear axis every MNIST curve is the corner. For the
+    same reason the PR panel is zoomed (see `pr_zoom`). Scores are printed with `score_text`, so
+    a score below 1 never reads as 1.
     """
     import matplotlib as mpl
 
@@ -145,7 +155,8 @@ def roc_pr_curves(
     smallest_fpr = 1.0
     for k, ((fpr, tpr), (recall, precision)) in enumerate(zip(roc, pr, strict=True)):
         color = colors(k % colors.N)
-        label = f"{short(class_names[k], 10)}: AUROC {auroc_C[k]:.4f}, AP {ap_C[k]:.4f}"
+        label = f"{short(class_names[k], 10)}: AUROC {score_text(auroc_C[k])}, "
+        label += f"AP {score_text(ap_C[k])}"
         positive = fpr > 0
         if positive.any():
             smallest_fpr = min(smallest_fpr, float(fpr[positive].min()))
@@ -156,17 +167,38 @@ def roc_pr_curves(
     roc_ax.set_ylim(min(0.5, roc_ax.get_ylim()[0]), 1.01)
     roc_ax.set_xlabel("false positive rate (log scale)")
     roc_ax.set_ylabel("true positive rate")
-    roc_ax.set_title(f"ROC, one vs rest (macro AUROC {np.nanmean(auroc_C):.4f})")
-    pr_ax.set_xlim(0, 1.01)
-    pr_ax.set_ylim(min(0.5, pr_ax.get_ylim()[0]), 1.01)
-    pr_ax.set_xlabel("recall")
-    pr_ax.set_ylabel("precision")
-    pr_ax.set_title(f"Precision-recall (macro AP {np.nanmean(ap_C):.4f})")
+    roc_ax.set_title(f"ROC, one vs rest (macro AUROC {score_text(np.nanmean(auroc_C))})")
+    low = pr_zoom(pr)
+    zoomed = " (axis zoomed)" if low > 0 else ""
+    pr_ax.set_xlim(low, 1.005)
+    pr_ax.set_ylim(low, 1.005)
+    pr_ax.set_xlabel(f"recall{zoomed}")
+    pr_ax.set_ylabel(f"precision{zoomed}")
+    heading = "Precision-recall, zoomed on the knees" if low > 0 else "Precision-recall"
+    pr_ax.set_title(f"{heading} (macro AP {score_text(np.nanmean(ap_C))})")
     for ax in (roc_ax, pr_ax):
         ax.grid(True, alpha=0.3)
     fig.legend(loc="outside right center", fontsize=9)
     fig.suptitle(title, fontsize=13)
     return to_png(fig)
+
+
+def pr_zoom(pr: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+    """The lower limit of both axes of the PR panel: the lowest recall or precision at any
+    class's knee (its best-F1 point), less twice its distance from 1 as a margin.
+
+    A good classifier's curves hug the top-right corner, so unzoomed they all sit in it; their
+    two ends (precision 1 at low recall, the final fall to the class's share of the examples at
+    full recall) are the same for every class and leave the zoomed axes.
+    """
+    lowest = 1.0
+    for recall, precision in pr:
+        recall, precision = np.asarray(recall, np.float64), np.asarray(precision, np.float64)
+        f1 = 2 * recall * precision / np.maximum(recall + precision, 1e-12)
+        if np.isfinite(f1).any():
+            knee = int(np.nanargmax(f1))
+            lowest = min(lowest, float(recall[knee]), float(precision[knee]))
+    return _zoom_bottom(lowest, margin=2.0)
 
 
 def mistakes_gallery(
@@ -236,8 +268,9 @@ def comparison_curves(curves_by_run: Mapping[str, Mapping[str, np.ndarray]], tit
     loss_ax.set_ylabel("train loss")
     if any(_positive(c, "loss", splits=("train",)) for c in curves_by_run.values()):
         _log_y(loss_ax)
+    _accuracy_y(acc_ax)
     for ax in (acc_ax, loss_ax):
-        _integer_x(ax)
+        _epoch_x(ax)
         ax.set_xlabel("epoch")
         ax.grid(True, alpha=0.3)
     if acc_ax.has_data():
@@ -247,22 +280,62 @@ def comparison_curves(curves_by_run: Mapping[str, Mapping[str, np.ndarray]], tit
 
 
 def _log_y(ax: Any) -> None:
-    """A log y axis labelled with plain numbers (0.2, 0.05) rather than powers of ten; the
-    in-between ticks are labelled only when the axis spans little more than a decade."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    """A log y axis labelled with plain numbers (0.2, 0.05) rather than powers of ten, with at
+    least three labelled ticks on any range: decades, else 1-2-5 steps, else every multiple of a
+    power of ten, else (a range narrower than that) evenly spaced values."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     ax.set_yscale("log")
-    plain = FuncFormatter(lambda y, _: f"{y:g}")
-    ax.yaxis.set_major_formatter(plain)
     low, high = ax.get_ylim()
-    ax.yaxis.set_minor_formatter(plain if high / low < 20 else NullFormatter())
-    ax.tick_params(axis="y", which="minor", labelsize=8)
+    major: Any = MaxNLocator(nbins=5)
+    for subs in ((1.0,), (1.0, 2.0, 5.0), tuple(range(1, 10))):
+        locator = LogLocator(base=10, subs=subs)
+        ticks = locator.tick_values(low, high)
+        if np.count_nonzero((ticks >= low) & (ticks <= high)) >= 3:
+            major = locator
+            break
+    ax.yaxis.set_major_locator(major)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
-def _integer_x(ax: Any) -> None:
+def _accuracy_y(ax: Any) -> None:
+    """Accuracy limits around the plotted values and never above 1: alone, a single point gets
+    matplotlib's +-5% (an axis up to 1.04). Points on the limit are drawn whole, unclipped."""
+    values = _plotted(ax, "y")
+    if not values.size:
+        return
+    low, high = float(values.min()), float(values.max())
+    pad = max(0.08 * (high - low), 0.01)
+    ax.set_ylim(max(0.0, low - pad), min(1.0, high + pad))
+    for line in ax.get_lines():
+        line.set_clip_on(False)
+
+
+def _epoch_x(ax: Any) -> None:
+    """Whole-epoch ticks. Points spanning less than two epochs (a one-epoch run) get the epochs
+    either side as limits, so a lone point sits between labelled whole epochs rather than on an
+    axis from 0.945 to 1.05."""
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    values = _plotted(ax, "x")
+    if values.size and values.max() - values.min() < 2:
+        ax.set_xlim(max(0.0, np.floor(values.min()) - 1), np.ceil(values.max()) + 1)
+
+
+def _plotted(ax: Any, axis: str) -> np.ndarray:
+    """The finite x or y values of every line on `ax`."""
+    data = [np.asarray(getattr(line, f"get_{axis}data")(), np.float64) for line in ax.get_lines()]
+    values = np.concatenate(data) if data else np.array([])
+    return values[np.isfinite(values)]
+
+
+def _zoom_bottom(lowest: float, margin: float = 0.25) -> float:
+    """The lower limit of an axis zoomed onto scores in [lowest, 1]: `margin` times the distance
+    to 1 below `lowest`, floored to a hundredth, at most 0.99 (so a perfect score gets an axis)."""
+    bottom = min(max(0.0, lowest - margin * (1.0 - lowest) - 0.005), 0.99)
+    return float(np.floor(bottom * 100) / 100)
 
 
 def _positive(curves: Mapping[str, np.ndarray], name: str, splits=("train", "test")) -> bool:

@@ -4,7 +4,7 @@ each with its tables, facts and figures (rendered by `plots`, saved under `figur
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from mnist_jax.data import Dataset
 
 SAMPLES_PER_CLASS = 10
+
+# How a cell shows a value: a str.format pattern ("{:.2%}") or a function of the value.
+Format = str | Callable[[Any], str]
 
 
 def dataset_section(
@@ -90,13 +93,21 @@ def dataset_section(
     )
 
 
-def dataset_tables(stats: Mapping[str, Any]) -> tuple[report_lib.Table, report_lib.Table]:
-    """Pixel statistics (one row per statistic, one column per split) and class counts."""
+def dataset_tables(
+    stats: Mapping[str, Any], significant: int | None = 6
+) -> tuple[report_lib.Table, report_lib.Table]:
+    """Pixel statistics (one row per statistic, one column per split) and class counts.
+
+    Means and standard deviations are shown with `significant` digits, or exactly (the float64
+    repr, as dataset_stats.json holds them) when it is None.
+    """
     splits = list(stats["splits"])
     shape = "x".join(str(s) for s in stats["image_shape"])
     pixel_rows = [["images", *(f"{stats['splits'][s]['num_images']:,}" for s in splits)]]
     pixel_rows.append(["image shape", *([shape] * len(splits))])
+    moment = "{!r}" if significant is None else f"{{:.{significant}g}}"
     for label, key, spec in _PIXEL_ROWS:
+        spec = spec or moment
         pixel_rows.append([label, *(spec.format(stats["splits"][s][key]) for s in splits)])
     classes = ["", *["num"] * len(splits)]
     pixel_table = report_lib.Table(["statistic", *splits], pixel_rows, classes)
@@ -107,18 +118,20 @@ def dataset_tables(stats: Mapping[str, Any]) -> tuple[report_lib.Table, report_l
     return pixel_table, report_lib.Table(["class", *splits], class_rows, classes)
 
 
+# (label, key, format); an empty format is the precision `dataset_tables` is asked for.
 _PIXEL_ROWS = (
-    ("mean (0-255)", "pixel_mean_0_255", "{!r}"),
-    ("std (0-255)", "pixel_std_0_255", "{!r}"),
-    ("mean [0, 1]", "pixel_mean_0_1", "{!r}"),
-    ("std [0, 1]", "pixel_std_0_1", "{!r}"),
+    ("mean (0-255)", "pixel_mean_0_255", ""),
+    ("std (0-255)", "pixel_std_0_255", ""),
+    ("mean [0, 1]", "pixel_mean_0_1", ""),
+    ("std [0, 1]", "pixel_std_0_1", ""),
     ("pixels = 0", "fraction_zero", "{:.4%}"),
     ("pixels = 255", "fraction_255", "{:.4%}"),
 )
 
 _key = metrics.metric_key
 
-# (header, runs.csv key, format, CSS class) of each column of the report's comparison table.
+# (header, runs.csv key, format, CSS class) of each column of the report's comparison table; a
+# format is a str.format pattern or a function.
 _TABLE_COLUMNS = (
     ("run", "name", "{}", ""),
     ("dataset", "dataset", "{}", ""),
@@ -131,8 +144,8 @@ _TABLE_COLUMNS = (
     ("batch", "batch_size", "{}", "num"),
     ("epochs", "epochs", "{}", "num"),
     ("test acc", _key("test", "accuracy"), "{:.2%}", "num"),
-    ("macro F1", _key("test", "f1_macro"), "{:.4f}", "num"),
-    ("macro AUROC", _key("test", "auroc_macro"), "{:.5f}", "num"),
+    ("macro F1", _key("test", "f1_macro"), plots.score_text, "num"),
+    ("macro AUROC", _key("test", "auroc_macro"), lambda v: plots.score_text(v, 5), "num"),
     ("train time", metrics.TRAIN_SECONDS, "{:.1f} s", "num"),
     ("examples/s", _key("train", "examples_per_sec"), "{:,.0f}", "num"),
     ("status", "status", "{}", ""),
@@ -182,7 +195,11 @@ def run_section(analysis: RunAnalysis, slug: str, figures_dir: Path) -> report_l
             r.roc, r.pr, r.auroc_C, r.average_precision_C, names,
             f"{title}: one-vs-rest ROC and PR curves",
         )  # fmt: skip
-        figures.append(Plot("roc_pr_curves", "ROC and PR curves", png, f"From {PREDICTIONS_FILE}."))
+        caption = f"From {PREDICTIONS_FILE}. The precision-recall axes are zoomed onto the knees "
+        caption += "of the curves (each class's best-F1 point, with a margin): the curves leave "
+        caption += "them on the left at high precision and at the bottom, where precision falls "
+        caption += "towards the class's share of the examples."
+        figures.append(Plot("roc_pr_curves", "ROC and PR curves", png, caption))
     mistakes = analysis.mistakes
     if mistakes is not None and mistakes.images_KxHxW is not None and len(mistakes.indices_K):
         png = run_plots.mistakes_gallery(
@@ -223,7 +240,7 @@ def _run_facts(run: Run) -> list[tuple[str, str]]:
         ("test accuracy", _values(m, (_key("test", "accuracy"),), "{:.2%}")),
         ("best test accuracy", best),
         ("test loss", _values(m, (_key("test", "loss"),), "{:.4f}")),
-        ("macro F1 / AUROC / AP", _values(m, [_key("test", s) for s in scores], "{:.4f}")),
+        ("macro F1 / AUROC / AP", _values(m, [_key("test", s) for s in scores], plots.score_text)),
         ("progress", progress),
         ("time: compile / train / total", _values(m, times, "{:.1f} s")),
         ("train examples/s", _values(m, (_key("train", "examples_per_sec"),), "{:,.0f}")),
@@ -242,7 +259,7 @@ def _run_facts(run: Run) -> list[tuple[str, str]]:
     return [(label, value) for label, value in facts if value]
 
 
-def _values(metrics_: Mapping[str, Any], keys: Sequence[str], spec: str) -> str:
+def _values(metrics_: Mapping[str, Any], keys: Sequence[str], spec: Format) -> str:
     """`spec`-formatted values joined by ' / ' ('–' for a missing one); '' if all are missing."""
     values = [number(metrics_.get(k)) for k in keys]
     if all(v is None for v in values):
@@ -269,10 +286,10 @@ def save_figures(figures: Sequence[Plot], folder: Path) -> list[report_lib.Figur
     return [report_lib.Figure(f.title, f.png, f.caption, f.half) for f in figures]
 
 
-def _fmt(value: Any, spec: str) -> str:
+def _fmt(value: Any, spec: Format) -> str:
     if value is None or value == "":
         return "–"
     try:
-        return spec.format(value)
+        return spec(value) if callable(spec) else spec.format(value)
     except (ValueError, TypeError):
         return str(value)
