@@ -31,6 +31,8 @@ before anything reaches the device, and returned thresholds are mapped back to t
 float64 values (a host `np.ndarray`), equal to scikit-learn's. This needs the scores on the host:
 under `jax.jit` with x64 off, float64 arguments are already float32 when these functions see them,
 so call them eagerly for float64 scores, or enable `jax_enable_x64`, or cast to float32 knowingly.
+(A host float64 constant inside a traced function is still ranked exactly, but float64 thresholds
+cannot be returned from there: the curve functions refuse it with a `ValueError` saying so.)
 With x64 on, float64 scores are sorted as they are.
 
 `to_record` is the host-side boundary: it is the one place metric names (`"test/accuracy"`,
@@ -200,6 +202,13 @@ def _original_thresholds(thresholds: jax.Array, distinct: np.ndarray | None) -> 
     """Thresholds in the caller's score values: ranks mapped back to the distinct scores."""
     if distinct is None:
         return thresholds
+    if isinstance(thresholds, jax.core.Tracer):  # host float64 scores inside a traced function
+        raise ValueError(
+            "float64 scores under jax.jit (or another transformation) with jax_enable_x64 off: "
+            "their thresholds cannot be float64 there. Call this function eagerly, cast the "
+            "scores to float32 knowingly (ties below float32 precision merge), or enable "
+            "jax_enable_x64."
+        )
     ranks = np.asarray(jax.device_get(thresholds))
     above_every = ranks == _ABOVE_EVERY_RANK
     return np.where(above_every, np.inf, distinct[np.where(above_every, 0, ranks)])
@@ -334,6 +343,15 @@ def _binary(
     return from_ranked(_rank(scores, positive, counted)), distinct
 
 
+def _binary_curve(
+    from_ranked: Any, scores_N: jax.Array, positives_N: jax.Array, mask_N: jax.Array | None
+) -> tuple[Any, Any, Any, Any]:
+    """A curve `(x, y, thresholds, valid)` of one binary problem, thresholds in the score values
+    the caller gave."""
+    (x, y, thresholds, valid), distinct = _binary(from_ranked, scores_N, positives_N, mask_N)
+    return x, y, _original_thresholds(thresholds, distinct), valid
+
+
 def _per_class(
     from_ranked: Any, probs_NxC: jax.Array, labels_N: jax.Array, mask_N: jax.Array | None
 ) -> tuple[Any, np.ndarray | None]:
@@ -365,10 +383,7 @@ def roc_curve(
     Host float64 scores (x64 off) are ranked exactly and give float64 host thresholds (module
     docstring).
     """
-    (fpr, tpr, thresholds, valid), distinct = _binary(
-        _roc_from_ranked, scores_N, positives_N, mask_N
-    )
-    return fpr, tpr, _original_thresholds(thresholds, distinct), valid
+    return _binary_curve(_roc_from_ranked, scores_N, positives_N, mask_N)
 
 
 def _roc_from_ranked(ranked: _Ranked) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -414,10 +429,7 @@ def precision_recall_curve(
     Host float64 scores (x64 off) are ranked exactly and give float64 host thresholds (module
     docstring).
     """
-    (precision, recall, thresholds, valid), distinct = _binary(
-        _precision_recall_from_ranked, scores_N, positives_N, mask_N
-    )
-    return precision, recall, _original_thresholds(thresholds, distinct), valid
+    return _binary_curve(_precision_recall_from_ranked, scores_N, positives_N, mask_N)
 
 
 def _precision_recall_from_ranked(
