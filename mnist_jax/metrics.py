@@ -7,9 +7,9 @@ Two kinds of metric live here, and the split decides how evaluation is written:
 * **Ranking** metrics (ROC and PR curves, AUROC, average precision) are not additive: they take the
   whole stacked set of scores. Padding is excluded through `mask_N`.
 
-Every device function works under `jax.jit` with fixed output shapes, never talks to the host, and
-gives the same answer jitted or eager. Masked-out entries may hold anything (NaN scores, labels
-out of range): they count nothing.
+Every device function works under `jax.jit` with fixed output shapes, never talks to the host
+(but for ranking host float64 scores, below), and gives the same answer jitted or eager.
+Masked-out entries may hold anything (NaN scores, labels out of range): they count nothing.
 
 One rule for labels, in every metric: **a label outside `[0, C)` counts nothing, exactly as if its
 example were masked out.** `confusion_matrix` drops it (and an out-of-range prediction); the
