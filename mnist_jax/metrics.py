@@ -7,15 +7,33 @@ Two kinds of metric live here, and the split decides how evaluation is written:
 * **Ranking** metrics (ROC and PR curves, AUROC, average precision) are not additive: they take the
   whole stacked set of scores. Padding is excluded through `mask_N`.
 
-Every device function works under `jax.jit` with fixed output shapes, never talks to the host, and
-gives the same answer jitted or eager. Masked-out entries may hold anything (NaN scores, labels
-out of range): they count nothing. Ties are decided in the dtype of the scores on the device.
+Every device function works under `jax.jit` with fixed output shapes, never talks to the host
+(but for ranking host float64 scores, below), and gives the same answer jitted or eager.
+Masked-out entries may hold anything (NaN scores, labels out of range): they count nothing.
+
+One rule for labels, in every metric: **a label outside `[0, C)` counts nothing, exactly as if its
+example were masked out.** `confusion_matrix` drops it (and an out-of-range prediction); the
+one-vs-rest ranking metrics and `classification_summary` drop the example from every class's
+ranking, so it is neither a positive nor a negative; the binary ranking functions, whose labels
+are `positives_N` (two classes), drop an entry that is neither 0/False nor 1/True. This keeps the
+shapes fixed (nothing is filtered), so it works under `jit`.
 
 Ranking metrics are exact, not a threshold grid: ties are handled like scikit-learn's
 `roc_auc_score` (average ranks, i.e. a tie counts one half) and `average_precision_score`
 (tied scores form one step). They stay exact in float32 without float64: counts are `int32` and
 the sums of fractions are carried out in integer fixed point (see `_exact_mean_of_fractions`),
 so the only rounding is the final float32 division (a few units in the last place).
+
+Float64 scores are ranked exactly. With `jax_enable_x64` off, JAX would round them to float32 and
+merge distinct scores into ties. Every ranking metric depends only on the order and the ties of
+the scores, so host (numpy) float64 scores are replaced, on the host, by their exact dense ranks
+before anything reaches the device, and returned thresholds are mapped back to the original
+float64 values (a host `np.ndarray`), equal to scikit-learn's. This needs the scores on the host:
+under `jax.jit` with x64 off, float64 arguments are already float32 when these functions see them,
+so call them eagerly for float64 scores, or enable `jax_enable_x64`, or cast to float32 knowingly.
+(A host float64 constant inside a traced function is still ranked exactly, but float64 thresholds
+cannot be returned from there: the curve functions refuse it with a `ValueError` saying so.)
+With x64 on, float64 scores are sorted as they are.
 
 `to_record` is the host-side boundary: it is the one place metric names (`"test/accuracy"`,
 `"train/loss"`, `"test/precision/3"`) are defined.
@@ -156,21 +174,70 @@ class _Ranked(NamedTuple):
     num_negatives: jax.Array
 
 
-def _as_scores(scores_N: jax.Array) -> jax.Array:
-    scores = jnp.asarray(scores_N)
+# The rank that stands for a threshold above every score (`+inf`) when scores are ranks.
+_ABOVE_EVERY_RANK = np.iinfo(np.int32).max
+
+
+def _device_scores(scores: Any) -> tuple[jax.Array, np.ndarray | None]:
+    """Scores ready to rank on the device, and the sorted distinct values if they became ranks.
+
+    Host scores wider than float32 (float64) with x64 off would be rounded to float32, merging
+    distinct values into ties; they are replaced here by their exact dense ranks (`int32`), which
+    have the same order and ties. Thresholds computed on ranks index the returned distinct values.
+    Anything else keeps its values: floats sort in their own dtype (at least float32, which keeps
+    the order and ties of every narrower float), other dtypes are cast to float32.
+    """
+    if not isinstance(scores, jax.Array) and not jax.config.jax_enable_x64:
+        host = np.asarray(scores)
+        if np.issubdtype(host.dtype, np.floating) and host.dtype.itemsize > 4:
+            distinct, ranks = np.unique(host, return_inverse=True)
+            return jnp.asarray(ranks.reshape(host.shape), jnp.int32), distinct
+    scores = jnp.asarray(scores)
     if not jnp.issubdtype(scores.dtype, jnp.floating):
-        return scores.astype(jnp.float32)
-    # Sorting through float32 keeps the order and the ties of every narrower float type.
-    return scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+        return scores.astype(jnp.float32), None
+    return scores.astype(jnp.promote_types(scores.dtype, jnp.float32)), None
 
 
-def _rank(scores_N: jax.Array, positives_N: jax.Array, mask_N: jax.Array | None) -> _Ranked:
-    scores = _as_scores(scores_N)
+def _original_thresholds(thresholds: jax.Array, distinct: np.ndarray | None) -> Any:
+    """Thresholds in the caller's score values: ranks mapped back to the distinct scores."""
+    if distinct is None:
+        return thresholds
+    if isinstance(thresholds, jax.core.Tracer):  # host float64 scores inside a traced function
+        raise ValueError(
+            "float64 scores under jax.jit (or another transformation) with jax_enable_x64 off: "
+            "their thresholds cannot be float64 there. Call this function eagerly, cast the "
+            "scores to float32 knowingly (ties below float32 precision merge), or enable "
+            "jax_enable_x64."
+        )
+    ranks = np.asarray(jax.device_get(thresholds))
+    above_every = ranks == _ABOVE_EVERY_RANK
+    return np.where(above_every, np.inf, distinct[np.where(above_every, 0, ranks)])
+
+
+def _binary_labels(positives_N: jax.Array, mask_N: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """`(positive_N, counted_N)`: booleans are labels already; other labels count only as 0 or 1."""
+    positives = jnp.asarray(positives_N)
+    counted = _mask_or_ones(mask_N, positives.shape[0])
+    if positives.dtype != jnp.bool_:
+        counted = counted & ((positives == 0) | (positives == 1))
+    return positives.astype(bool), counted
+
+
+def _one_vs_rest_labels(
+    labels_N: jax.Array, num_classes: int, mask_N: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+    """`(positives_CxN, counted_N)`: "label == c" per class; labels outside [0, C) uncounted."""
+    labels = jnp.asarray(labels_N)
+    counted = _mask_or_ones(mask_N, labels.shape[0]) & (labels >= 0) & (labels < num_classes)
+    return labels[None, :] == jnp.arange(num_classes)[:, None], counted
+
+
+def _rank(scores: jax.Array, positive_N: jax.Array, valid: jax.Array) -> _Ranked:
+    """Sorts the examples by descending score (float, or `int32` ranks), the `valid` ones first."""
     n = scores.shape[0]
     if not 0 < n <= MAX_RANKED_EXAMPLES:
         raise ValueError(f"ranking metrics take 1 to {MAX_RANKED_EXAMPLES} scores, got {n}")
-    valid = _mask_or_ones(mask_N, n)
-    positive = jnp.asarray(positives_N).astype(bool) & valid
+    positive = positive_N & valid
     invalid_first_key = (~valid).astype(jnp.int32)
     _, neg_scores, positive, valid = lax.sort(
         (invalid_first_key, -scores, positive, valid), num_keys=2
@@ -259,8 +326,45 @@ def _average_precision_from_ranked(ranked: _Ranked) -> jax.Array:
 
 
 def _thresholds(ranked: _Ranked) -> jax.Array:
-    lowest = jnp.min(jnp.where(ranked.valid_N, ranked.scores_N, jnp.inf))
-    return jnp.where(ranked.valid_N, ranked.scores_N, lowest)
+    """`[N + 1]`: `+inf` (or `_ABOVE_EVERY_RANK` for ranks), then each sorted position's score."""
+    dtype = ranked.scores_N.dtype
+    above_every = jnp.inf if jnp.issubdtype(dtype, jnp.floating) else _ABOVE_EVERY_RANK
+    lowest = jnp.min(jnp.where(ranked.valid_N, ranked.scores_N, above_every))
+    thresholds = jnp.where(ranked.valid_N, ranked.scores_N, lowest)
+    return jnp.concatenate([jnp.full((1,), above_every, dtype), thresholds])
+
+
+def _binary(
+    from_ranked: Any, scores_N: jax.Array, positives_N: jax.Array, mask_N: jax.Array | None
+) -> tuple[Any, np.ndarray | None]:
+    """`from_ranked` of one binary problem, and the distinct scores if the scores became ranks."""
+    scores, distinct = _device_scores(scores_N)
+    positive, counted = _binary_labels(positives_N, mask_N)
+    return from_ranked(_rank(scores, positive, counted)), distinct
+
+
+def _binary_curve(
+    from_ranked: Any, scores_N: jax.Array, positives_N: jax.Array, mask_N: jax.Array | None
+) -> tuple[Any, Any, Any, Any]:
+    """A curve `(x, y, thresholds, valid)` of one binary problem, thresholds in the score values
+    the caller gave."""
+    (x, y, thresholds, valid), distinct = _binary(from_ranked, scores_N, positives_N, mask_N)
+    return x, y, _original_thresholds(thresholds, distinct), valid
+
+
+def _per_class(
+    from_ranked: Any, probs_NxC: jax.Array, labels_N: jax.Array, mask_N: jax.Array | None
+) -> tuple[Any, np.ndarray | None]:
+    """`from_ranked` of every class against the rest (vmapped, one sort per class), and the
+    distinct scores if the scores became ranks (all columns ranked together, which keeps each
+    column's order and ties)."""
+    probs, distinct = _device_scores(probs_NxC)
+    positives_CxN, counted = _one_vs_rest_labels(labels_N, probs.shape[1], mask_N)
+
+    def one_class(scores_N: jax.Array, positives_N: jax.Array) -> Any:
+        return from_ranked(_rank(scores_N, positives_N, counted))
+
+    return jax.vmap(one_class, in_axes=(1, 0))(probs, positives_CxN), distinct
 
 
 def roc_curve(
@@ -274,18 +378,20 @@ def roc_curve(
     entries repeat a neighbouring real point, so the unfiltered arrays stay monotone and a
     trapezoid over them still gives the exact area. fpr is NaN when there is no negative, tpr
     when there is no positive (as scikit-learn, which also warns).
+
+    Entries with `mask_N` False count nothing, and so do labels other than 0/1 in `positives_N`.
+    Host float64 scores (x64 off) are ranked exactly and give float64 host thresholds (module
+    docstring).
     """
-    return _roc_from_ranked(_rank(scores_N, positives_N, mask_N))
+    return _binary_curve(_roc_from_ranked, scores_N, positives_N, mask_N)
 
 
 def _roc_from_ranked(ranked: _Ranked) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     zero = jnp.zeros((1,), jnp.int32)
     fpr = _ratio_nan(jnp.concatenate([zero, ranked.negatives_through_N]), ranked.num_negatives)
     tpr = _ratio_nan(jnp.concatenate([zero, ranked.positives_through_N]), ranked.num_positives)
-    thresholds = _thresholds(ranked)
-    thresholds = jnp.concatenate([jnp.full((1,), jnp.inf, thresholds.dtype), thresholds])
     valid = jnp.concatenate([jnp.array([True]), ranked.is_group_end_N])
-    return fpr, tpr, thresholds, valid
+    return fpr, tpr, _thresholds(ranked), valid
 
 
 def _ratio_nan(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
@@ -302,8 +408,10 @@ def auroc(
 
     Rank-based (Mann-Whitney U with average ranks, so a tied positive/negative pair counts one
     half), not a threshold grid. NaN when only one class is present, where it is undefined.
+    Entries with `mask_N` False count nothing, and so do labels other than 0/1 in `positives_N`;
+    host float64 scores are ranked exactly (module docstring).
     """
-    return _auroc_from_ranked(_rank(scores_N, positives_N, mask_N))
+    return _binary(_auroc_from_ranked, scores_N, positives_N, mask_N)[0]
 
 
 def precision_recall_curve(
@@ -316,8 +424,12 @@ def precision_recall_curve(
     final point no threshold; here it has `+inf`, so `thresholds[valid][:-1]` are scikit-learn's.
     Invalid entries repeat a neighbouring real point. With no positive at all, recall is 1 at every
     threshold, as in scikit-learn.
+
+    Entries with `mask_N` False count nothing, and so do labels other than 0/1 in `positives_N`.
+    Host float64 scores (x64 off) are ranked exactly and give float64 host thresholds (module
+    docstring).
     """
-    return _precision_recall_from_ranked(_rank(scores_N, positives_N, mask_N))
+    return _binary_curve(_precision_recall_from_ranked, scores_N, positives_N, mask_N)
 
 
 def _precision_recall_from_ranked(
@@ -332,7 +444,6 @@ def _precision_recall_from_ranked(
     thresholds = _thresholds(ranked)
     precision = jnp.concatenate([jnp.ones((1,), jnp.float32), precision])
     recall = jnp.concatenate([jnp.zeros((1,), jnp.float32), recall])
-    thresholds = jnp.concatenate([jnp.full((1,), jnp.inf, thresholds.dtype), thresholds])
     valid = jnp.concatenate([jnp.array([True]), ranked.is_group_end_N])
     return precision[::-1], recall[::-1], thresholds[::-1], valid[::-1]
 
@@ -345,39 +456,32 @@ def average_precision(
     The step-wise sum over distinct thresholds of (recall increase) x precision, tied scores
     forming one step; no interpolation. NaN when there is no positive: it is undefined there
     (scikit-learn returns 0 with a warning), and NaN lets macro averages skip the class.
+    Entries with `mask_N` False count nothing, and so do labels other than 0/1 in `positives_N`;
+    host float64 scores are ranked exactly (module docstring).
     """
-    return _average_precision_from_ranked(_rank(scores_N, positives_N, mask_N))
-
-
-def _one_vs_rest_positives(labels_N: jax.Array, num_classes: int) -> jax.Array:
-    return jnp.asarray(labels_N)[None, :] == jnp.arange(num_classes)[:, None]
+    return _binary(_average_precision_from_ranked, scores_N, positives_N, mask_N)[0]
 
 
 def one_vs_rest_auroc(
     probs_NxC: jax.Array, labels_N: jax.Array, mask_N: jax.Array | None = None
 ) -> jax.Array:
     """Per-class AUROC `[C]`: class c's score column against "label == c". NaN for a class that
-    is absent (or is the only one present)."""
-    probs = jnp.asarray(probs_NxC)
-    positives_CxN = _one_vs_rest_positives(labels_N, probs.shape[1])
-    return jax.vmap(auroc, in_axes=(1, 0, None))(probs, positives_CxN, mask_N)
+    is absent (or is the only one present). An example whose label lies outside `[0, C)` counts
+    nothing, as if masked out."""
+    return _per_class(_auroc_from_ranked, probs_NxC, labels_N, mask_N)[0]
 
 
 def one_vs_rest_average_precision(
     probs_NxC: jax.Array, labels_N: jax.Array, mask_N: jax.Array | None = None
 ) -> jax.Array:
     """Per-class average precision `[C]`: class c's score column against "label == c". NaN for
-    a class with no example."""
-    probs = jnp.asarray(probs_NxC)
-    positives_CxN = _one_vs_rest_positives(labels_N, probs.shape[1])
-    return jax.vmap(average_precision, in_axes=(1, 0, None))(probs, positives_CxN, mask_N)
+    a class with no example. An example whose label lies outside `[0, C)` counts nothing, as if
+    masked out."""
+    return _per_class(_average_precision_from_ranked, probs_NxC, labels_N, mask_N)[0]
 
 
-def _auroc_and_average_precision(
-    scores_N: jax.Array, positives_N: jax.Array, mask_N: jax.Array | None
-) -> tuple[jax.Array, jax.Array]:
-    ranked = _rank(scores_N, positives_N, mask_N)  # one sort serves both metrics
-    return _auroc_from_ranked(ranked), _average_precision_from_ranked(ranked)
+def _auroc_and_average_precision(ranked: _Ranked) -> tuple[jax.Array, jax.Array]:
+    return _auroc_from_ranked(ranked), _average_precision_from_ranked(ranked)  # one sort, both
 
 
 class OneVsRestCurves(NamedTuple):
@@ -397,10 +501,8 @@ class OneVsRestCurves(NamedTuple):
     average_precision_C: jax.Array
 
 
-def _curves_and_areas(
-    scores_N: jax.Array, positives_N: jax.Array, mask_N: jax.Array | None
-) -> tuple[jax.Array, ...]:
-    ranked = _rank(scores_N, positives_N, mask_N)  # one sort serves both curves and both areas
+def _curves_and_areas(ranked: _Ranked) -> tuple[jax.Array, ...]:
+    # one sort serves both curves and both areas
     return (
         *_roc_from_ranked(ranked),
         *_precision_recall_from_ranked(ranked),
@@ -417,11 +519,16 @@ def one_vs_rest_curves(
 
     Each class's points equal the single-class functions' (`roc_curve`, `precision_recall_curve`,
     `auroc`, `average_precision` on column c against "label == c"), so they match scikit-learn's.
+    An example whose label lies outside `[0, C)` counts nothing, as if masked out. Host float64
+    scores (x64 off) are ranked exactly, and both threshold arrays are then float64 host arrays
+    (module docstring).
     """
-    probs = jnp.asarray(probs_NxC)
-    positives_CxN = _one_vs_rest_positives(labels_N, probs.shape[1])
-    per_class = jax.vmap(_curves_and_areas, in_axes=(1, 0, None))(probs, positives_CxN, mask_N)
-    return OneVsRestCurves(*per_class)
+    per_class, distinct = _per_class(_curves_and_areas, probs_NxC, labels_N, mask_N)
+    curves = OneVsRestCurves(*per_class)
+    return curves._replace(
+        roc_thresholds_CxM=_original_thresholds(curves.roc_thresholds_CxM, distinct),
+        pr_thresholds_CxM=_original_thresholds(curves.pr_thresholds_CxM, distinct),
+    )
 
 
 def curve_points(curves: OneVsRestCurves) -> tuple[list[tuple[np.ndarray, np.ndarray]], ...]:
@@ -447,16 +554,18 @@ def classification_summary(
     stacked class scores) and `labels_N` are given, also one-vs-rest `"auroc"` and
     `"average_precision"` (`[C]`) and their `"auroc_macro"` and `"average_precision_macro"`:
     the mean over the classes where the metric is defined (NaN-skipping), NaN if there is none.
+
+    The ranking metrics follow the module's label rule: an example whose label lies outside
+    `[0, C)` counts nothing, as if masked out (as `confusion_matrix` drops it from the counts).
+    Host float64 probabilities (x64 off) are ranked exactly (module docstring).
     """
     summary = {"accuracy": accuracy(confusion_CxC), **precision_recall_f1(confusion_CxC)}
     if probs_NxC is None:
         return summary
     if labels_N is None:
         raise ValueError("classification_summary needs labels_N together with probs_NxC")
-    probs = jnp.asarray(probs_NxC)
-    positives_CxN = _one_vs_rest_positives(labels_N, probs.shape[1])
-    per_class_auroc, per_class_ap = jax.vmap(_auroc_and_average_precision, in_axes=(1, 0, None))(
-        probs, positives_CxN, mask_N
+    (per_class_auroc, per_class_ap), _ = _per_class(
+        _auroc_and_average_precision, probs_NxC, labels_N, mask_N
     )
     summary["auroc"] = per_class_auroc
     summary["auroc_macro"] = _nanmean(per_class_auroc)

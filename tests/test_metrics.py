@@ -81,32 +81,72 @@ def sk_ap(positives: np.ndarray, scores: np.ndarray) -> float:
     return skm.average_precision_score(positives, scores)
 
 
+def same_leaves(actual, expected) -> None:
+    """Two pytrees of arrays: the same structure and bit-identical leaves."""
+    actual_leaves, actual_tree = jax.tree.flatten(actual)
+    expected_leaves, expected_tree = jax.tree.flatten(expected)
+    assert actual_tree == expected_tree
+    for actual_leaf, expected_leaf in zip(actual_leaves, expected_leaves, strict=True):
+        np.testing.assert_array_equal(actual_leaf, expected_leaf)
+
+
 def close(actual, expected) -> None:
     np.testing.assert_allclose(np.asarray(actual), expected, rtol=0, atol=TOL, equal_nan=True)
 
 
-def check_binary(scores: np.ndarray, positives: np.ndarray, rng: np.random.Generator) -> None:
-    """Every ranking function on padded, garbage-filled inputs against scikit-learn."""
-    scores = scores.astype(np.float32)
+def check_binary(
+    scores: np.ndarray, positives: np.ndarray, rng: np.random.Generator, dtype=np.float32
+) -> None:
+    """Every ranking function on padded, garbage-filled inputs against scikit-learn: jitted for
+    float32 scores, eager for float64 ones (host scores, which are ranked exactly)."""
+    scores = scores.astype(dtype)
     positives = positives.astype(bool)
     scores_p, mask = pad(scores, garbage_scores(rng, (PAD,)))
     positives_p, _ = pad(positives, rng.random(PAD) < 0.5)
+    roc, pr, auroc, ap = (
+        (jit_roc, jit_pr, jit_auroc, jit_ap)
+        if dtype == np.float32
+        else (
+            metrics.roc_curve,
+            metrics.precision_recall_curve,
+            metrics.auroc,
+            metrics.average_precision,
+        )
+    )
 
-    fpr, tpr, thresholds, valid = map(np.asarray, jit_roc(scores_p, positives_p, mask))
+    fpr, tpr, thresholds, valid = map(np.asarray, roc(scores_p, positives_p, mask))
     sk_fpr, sk_tpr, sk_thresholds = sk_roc(positives, scores)
     close(fpr[valid], sk_fpr)
     close(tpr[valid], sk_tpr)
-    np.testing.assert_array_equal(thresholds[valid], sk_thresholds.astype(np.float32))
+    np.testing.assert_array_equal(thresholds[valid], sk_thresholds.astype(dtype))
 
-    precision, recall, thresholds, valid = map(np.asarray, jit_pr(scores_p, positives_p, mask))
+    precision, recall, thresholds, valid = map(np.asarray, pr(scores_p, positives_p, mask))
     sk_precision, sk_recall, sk_thresholds = sk_pr(positives, scores)
     close(precision[valid], sk_precision)
     close(recall[valid], sk_recall)
     np.testing.assert_array_equal(thresholds[valid][:-1], sk_thresholds)
     assert thresholds[valid][-1] == np.inf
 
-    close(jit_auroc(scores_p, positives_p, mask), sk_auroc(positives, scores))
-    close(jit_ap(scores_p, positives_p, mask), sk_ap(positives, scores))
+    close(auroc(scores_p, positives_p, mask), sk_auroc(positives, scores))
+    close(ap(scores_p, positives_p, mask), sk_ap(positives, scores))
+
+
+def check_class_curves(curves, c: int, positives: np.ndarray, scores: np.ndarray) -> None:
+    """Class `c` of `one_vs_rest_curves` (on the host) against scikit-learn on that class."""
+    valid = curves.roc_valid_CxM[c]
+    sk_fpr, sk_tpr, sk_thresholds = sk_roc(positives, scores)
+    close(curves.fpr_CxM[c][valid], sk_fpr)
+    close(curves.tpr_CxM[c][valid], sk_tpr)
+    np.testing.assert_array_equal(
+        curves.roc_thresholds_CxM[c][valid], sk_thresholds.astype(scores.dtype)
+    )
+    valid = curves.pr_valid_CxM[c]
+    sk_precision, sk_recall, sk_thresholds = sk_pr(positives, scores)
+    close(curves.precision_CxM[c][valid], sk_precision)
+    close(curves.recall_CxM[c][valid], sk_recall)
+    np.testing.assert_array_equal(curves.pr_thresholds_CxM[c][valid][:-1], sk_thresholds)
+    close(curves.auroc_C[c], sk_auroc(positives, scores))
+    close(curves.average_precision_C[c], sk_ap(positives, scores))
 
 
 def sk_prf(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
@@ -386,21 +426,7 @@ def test_one_vs_rest_curves_match_sklearn_and_the_single_class_functions():
     assert curves.auroc_C.shape == curves.average_precision_C.shape == (C,)
 
     for c in range(C):
-        positives, scores = labels == c, probs[:, c]
-        valid = curves.roc_valid_CxM[c]
-        sk_fpr, sk_tpr, sk_thresholds = sk_roc(positives, scores)
-        close(curves.fpr_CxM[c][valid], sk_fpr)
-        close(curves.tpr_CxM[c][valid], sk_tpr)
-        np.testing.assert_array_equal(
-            curves.roc_thresholds_CxM[c][valid], sk_thresholds.astype(np.float32)
-        )
-        valid = curves.pr_valid_CxM[c]
-        sk_precision, sk_recall, sk_thresholds = sk_pr(positives, scores)
-        close(curves.precision_CxM[c][valid], sk_precision)
-        close(curves.recall_CxM[c][valid], sk_recall)
-        np.testing.assert_array_equal(curves.pr_thresholds_CxM[c][valid][:-1], sk_thresholds)
-        close(curves.auroc_C[c], sk_auroc(positives, scores))
-        close(curves.average_precision_C[c], sk_ap(positives, scores))
+        check_class_curves(curves, c, labels == c, probs[:, c])
 
         # One sort per class under vmap gives what the single-class functions give.
         single = (
@@ -411,6 +437,159 @@ def test_one_vs_rest_curves_match_sklearn_and_the_single_class_functions():
             np.testing.assert_array_equal(got[c], expected)
     np.testing.assert_array_equal(curves.auroc_C, jit_ovr_auroc(probs_p, labels_p, mask))
     np.testing.assert_array_equal(curves.average_precision_C, jit_ovr_ap(probs_p, labels_p, mask))
+
+
+# --------------------------------------------------------------------------------------------
+# float64 scores: exact, not rounded to float32
+# --------------------------------------------------------------------------------------------
+
+
+def float64_scores(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """float64 scores that differ only beyond float32 precision (all one value in float32), with
+    exact float64 ties too."""
+    scores = 0.5 + rng.integers(0, 40, shape) * 1e-12
+    assert len(np.unique(scores.astype(np.float32))) == 1
+    return scores
+
+
+@pytest.mark.parametrize("case", ["random", "ties_beyond_float32"])
+def test_float64_scores_match_sklearn_exactly(case):
+    rng = np.random.default_rng(10)
+    positives = rng.random(PAD - 3) < 0.4
+    if case == "random":
+        scores = rng.random(PAD - 3)
+    else:
+        scores = float64_scores(rng, (PAD - 3,))
+        # rounded to float32, every score would tie: AUROC 0.5, far from scikit-learn's
+        assert abs(skm.roc_auc_score(positives, scores) - 0.5) > 0.05
+    check_binary(scores, positives, rng, dtype=np.float64)
+    # unpadded and unmasked as well; thresholds keep the float64 values
+    fpr, tpr, thresholds, valid = metrics.roc_curve(scores, positives)
+    assert thresholds.dtype == np.float64
+    np.testing.assert_array_equal(thresholds[np.asarray(valid)], sk_roc(positives, scores)[2])
+    close(metrics.auroc(scores, positives), skm.roc_auc_score(positives, scores))
+    close(metrics.average_precision(scores, positives), sk_ap(positives, scores))
+
+
+def test_float64_one_vs_rest_and_summary_match_sklearn_exactly():
+    rng = np.random.default_rng(11)
+    n = PAD - 6
+    labels = rng.integers(0, C - 1, n)  # class C-1 absent: NaN
+    probs = np.round(rng.dirichlet(np.ones(C), n), 1) + rng.integers(0, 30, (n, C)) * 1e-12
+    labels_p, mask = pad(labels.astype(np.int32), garbage_labels(rng, PAD))
+    probs_p = np.concatenate([probs, garbage_scores(rng, (PAD - n, C))])
+    assert probs_p.dtype == np.float64
+
+    curves = jax.device_get(metrics.one_vs_rest_curves(probs_p, labels_p, mask))
+    summary = metrics.classification_summary(jnp.eye(C, dtype=jnp.int32), probs_p, labels_p, mask)
+    expected_auroc = [sk_auroc(labels == c, probs[:, c]) for c in range(C)]
+    expected_ap = [sk_ap(labels == c, probs[:, c]) for c in range(C)]
+    for c in range(C):
+        check_class_curves(curves, c, labels == c, probs[:, c])
+
+        # the same as the single-class functions on the column
+        single = (
+            *metrics.roc_curve(probs_p[:, c], labels_p == c, mask),
+            *metrics.precision_recall_curve(probs_p[:, c], labels_p == c, mask),
+        )
+        for got, expected in zip(curves[:8], single, strict=True):
+            np.testing.assert_array_equal(got[c], expected)
+    for values in (
+        curves.auroc_C,
+        summary["auroc"],
+        metrics.one_vs_rest_auroc(probs_p, labels_p, mask),
+    ):
+        close(values, expected_auroc)
+    for values in (
+        curves.average_precision_C,
+        summary["average_precision"],
+        metrics.one_vs_rest_average_precision(probs_p, labels_p, mask),
+    ):
+        close(values, expected_ap)
+    close(summary["auroc_macro"], np.nanmean(expected_auroc))
+    close(summary["average_precision_macro"], np.nanmean(expected_ap))
+
+
+def test_float64_with_x64_enabled_is_sorted_as_is():
+    rng = np.random.default_rng(12)
+    positives = rng.random(PAD - 3) < 0.4
+    scores = float64_scores(rng, (PAD - 3,))
+    with jax.enable_x64(True):
+        check_binary(scores, positives, rng, dtype=np.float64)
+        assert metrics.roc_curve(jnp.asarray(scores), positives)[2].dtype == jnp.float64
+
+
+def test_float64_thresholds_inside_jit_are_refused_clearly():
+    scores = float64_scores(np.random.default_rng(15), (10,))
+    positives = np.arange(10) % 2 == 0
+    for curve in (metrics.roc_curve, metrics.precision_recall_curve):
+        with pytest.raises(ValueError, match="jax_enable_x64"):
+            jax.jit(lambda p, curve=curve: curve(scores, p))(positives)
+    with pytest.raises(ValueError, match="float32 knowingly"):
+        jax.jit(lambda labels: metrics.one_vs_rest_curves(scores[:, None], labels))(positives * 0)
+    # without thresholds the ranks serve exactly, traced or not
+    close(jax.jit(lambda p: metrics.auroc(scores, p))(positives), sk_auroc(positives, scores))
+
+
+# --------------------------------------------------------------------------------------------
+# one label rule: a label outside [0, C) counts nothing, as if masked out
+# --------------------------------------------------------------------------------------------
+
+
+def test_out_of_range_labels_count_as_masked_out_in_every_metric():
+    rng = np.random.default_rng(13)
+    n = PAD - 8
+    labels = rng.integers(0, C, n)
+    stray = rng.choice(n, 9, replace=False)  # unmasked labels outside [0, C)
+    labels[stray] = rng.choice([-1, -7, C, C + 2], 9)
+    in_range = (labels >= 0) & (labels < C)
+    probs = np.round(rng.dirichlet(np.ones(C), n), 1).astype(np.float32)
+    predictions = np.argmax(probs, axis=1)
+    labels_p, mask = pad(labels.astype(np.int32), garbage_labels(rng, PAD))
+    predictions_p, _ = pad(predictions.astype(np.int32), garbage_labels(rng, PAD))
+    probs_p = np.concatenate([probs, garbage_scores(rng, (PAD - n, C))])
+    masked_too = mask & pad(in_range, np.zeros(PAD, bool))[0]
+
+    def everything(mask_N):
+        confusion = jit_confusion(labels_p, predictions_p, C, mask_N)
+        return (
+            jit_summary(confusion, probs_p, labels_p, mask_N),
+            tuple(metrics.one_vs_rest_curves(probs_p, labels_p, mask_N)),
+            jit_ovr_auroc(probs_p, labels_p, mask_N),
+            jit_ovr_ap(probs_p, labels_p, mask_N),
+        )
+
+    same_leaves(everything(mask), everything(masked_too))
+
+    # and scikit-learn on the examples that remain
+    summary, curves, _, _ = everything(mask)
+    kept_labels, kept_probs = labels[in_range], probs[in_range]
+    expected = sk_prf(kept_labels, predictions[in_range], C)
+    expected["accuracy"] = skm.accuracy_score(kept_labels, predictions[in_range])
+    expected["auroc"] = [sk_auroc(kept_labels == c, kept_probs[:, c]) for c in range(C)]
+    expected["average_precision"] = [sk_ap(kept_labels == c, kept_probs[:, c]) for c in range(C)]
+    for name, value in expected.items():
+        close(summary[name], value)
+    curves = metrics.OneVsRestCurves(*jax.device_get(curves))
+    for c in range(C):
+        check_class_curves(curves, c, kept_labels == c, kept_probs[:, c])
+
+
+def test_binary_labels_other_than_0_1_count_as_masked_out():
+    rng = np.random.default_rng(14)
+    n = PAD - 5
+    labels = rng.integers(0, 2, n).astype(np.int32)
+    labels[rng.choice(n, 7, replace=False)] = rng.choice([-1, 2, 5], 7)  # binary: [0, 2)
+    in_range = (labels == 0) | (labels == 1)
+    scores = np.round(rng.random(n), 1).astype(np.float32)
+    scores_p, mask = pad(scores, garbage_scores(rng, (PAD,)))
+    labels_p, _ = pad(labels, garbage_labels(rng, PAD))
+    masked_too = mask & pad(in_range, np.zeros(PAD, bool))[0]
+    for function in (jit_roc, jit_pr, jit_auroc, jit_ap):
+        same_leaves(
+            function(scores_p, labels_p, mask), function(scores_p, labels_p == 1, masked_too)
+        )
+    check_binary(scores[in_range], labels[in_range] == 1, rng)
 
 
 @pytest.mark.parametrize("k", [0, 1, 7, 1000])
@@ -490,11 +669,7 @@ def test_jit_equals_eager():
         jit_roc(scores, positives, mask),
         jit_pr(scores, positives, mask),
     )
-    eager_leaves, eager_tree = jax.tree.flatten(eager)
-    jitted_leaves, jitted_tree = jax.tree.flatten(jitted)
-    assert eager_tree == jitted_tree
-    for eager_leaf, jitted_leaf in zip(eager_leaves, jitted_leaves, strict=True):
-        np.testing.assert_array_equal(eager_leaf, jitted_leaf)
+    same_leaves(jitted, eager)
 
 
 def test_to_record_names_and_json():
