@@ -290,7 +290,7 @@ def looks_like_run(path: Path) -> bool:
 def writer_alive(run_dir: Path) -> bool:
     """Whether a process is writing the run: it holds the run's writer lock while it lives,
     and the system releases the lock when the process dies, however it dies (even SIGKILL).
-    Where advisory locks do not exist, every run counts as alive."""
+    Where advisory locks or the lock file do not exist, every run counts as alive."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - no advisory locks on this platform
@@ -300,8 +300,8 @@ def writer_alive(run_dir: Path) -> bool:
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
-    except OSError:  # no lock file: no process ever wrote the run with a lock
-        return False
+    except OSError:  # no lock file (a hand-made or copied run): nothing to tell by
+        return True
     return False
 
 

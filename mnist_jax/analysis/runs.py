@@ -163,9 +163,13 @@ def ranking(predictions: Predictions) -> Ranking:
     `metrics.one_vs_rest_curves` (exact and tie-aware, like scikit-learn's)."""
     from mnist_jax import parallel
 
-    curves = parallel.jit(metrics.one_vs_rest_curves)(
-        predictions.probs_NxC, predictions.labels_N.astype(np.int32)
-    )
+    probs = predictions.probs_NxC
+    # Float64 scores (a predictions file written elsewhere) are ranked exactly only outside
+    # jit, where x64 is off; ours are float32 and take the compiled path.
+    curves_of = metrics.one_vs_rest_curves
+    if probs.dtype != np.float64:
+        curves_of = parallel.jit(curves_of)
+    curves = curves_of(probs, predictions.labels_N.astype(np.int32))
     roc, pr = metrics.curve_points(curves)
     return Ranking(
         roc=roc,
