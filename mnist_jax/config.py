@@ -99,6 +99,10 @@ class Config:
     )
     steps_per_call: int = option(0, "Training steps per compiled call (0: chosen per backend).")
     log_every: int = option(50, "Log training metrics every this many steps.")
+    deterministic: bool = option(
+        False,
+        "Same seed, same bits on every backend (XLA's deterministic GPU ops; slower on GPU).",
+    )
     # record keeping
     runs_dir: str = option("runs", "Directory that holds one sub-directory per run.", path=True)
     name: str | None = option(None, "Run name (default: a unique timestamped name).")

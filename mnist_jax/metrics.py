@@ -596,6 +596,8 @@ def metric_key(split: str, name: str, class_index: int | None = None) -> str:
 # them out: the best epoch's test accuracy and step, and the wall-clock phases.
 BEST_TEST_ACCURACY = metric_key("best", metric_key("test", "accuracy"))
 BEST_STEP = metric_key("best", "step")
+COMPILED_PROGRAMS = metric_key("compile", "programs")
+COMPILE_CACHE_HITS = metric_key("compile", "cache_hits")
 COMPILE_SECONDS = metric_key("time", "compile_seconds")
 TRAIN_SECONDS = metric_key("time", "train_seconds")
 TOTAL_SECONDS = metric_key("time", "total_seconds")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -47,11 +48,9 @@ class TrainSums(NamedTuple):
 
     @staticmethod
     def zeros() -> TrainSums:
+        """Host zeros (numpy): placing them compiles nothing, unlike an eager jnp op."""
         return TrainSums(
-            jnp.zeros((), jnp.float32),
-            jnp.zeros((), jnp.int32),
-            jnp.zeros((), jnp.int32),
-            jnp.full((), -1, jnp.int32),
+            np.zeros((), np.float32), np.zeros((), np.int32), np.zeros((), np.int32), np.int32(-1)
         )
 
     def add(self, loss: jax.Array, correct: jax.Array, count: int, step: jax.Array) -> TrainSums:
@@ -253,8 +252,6 @@ class EvalData(NamedTuple):
 
 def eval_data(images_NxHxW: Any, labels_N: Any, batch_size: int) -> EvalData:
     """Pads to a multiple of `batch_size`, the padding masked out (host arrays in, host out)."""
-    import numpy as np
-
     n = len(labels_N)
     batch_size = max(1, min(batch_size, n))  # never pad a small split up to a large batch
     batches = -(-n // batch_size)
@@ -296,4 +293,5 @@ def evaluate(steps: Steps, num_examples: int) -> Callable[[TrainState, EvalData]
         summary = metrics.classification_summary(sums.confusion, probs_NxC, labels_N)
         return Evaluation(sums, probs_NxC, summary)
 
+    run.__name__ = "evaluate"
     return run

@@ -14,6 +14,7 @@ import datetime as dt
 import platform
 import subprocess
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ def fit(config: Config, stop: StopRequest | None = None) -> int:
     from mnist_jax.writers.wandb import resolve_mode
 
     with _listening(stop) as stop:
+        start_backend(config)
         resolve_mode(config.wandb)  # a bad $WANDB_MODE is reported before anything is written
         dataset = load_data(config)
         model = models.describe(config, dataset.spec)  # an unknown model, too
@@ -95,6 +97,7 @@ def resume(run_dir: str | Path, flags: Mapping[str, Any], stop: StopRequest | No
             raise UserError(f"run {record.dir} already completed; start a new run instead")
         saved = record.read_config()
         config = build_config(saved["config"], given)
+        start_backend(config)
         dataset = load_data(config)
         require_disk_space(config, dataset, record.dir)
         stop.raise_if_requested()
@@ -121,6 +124,23 @@ def load_data(config: Config) -> data_lib.Dataset:
             "training images; choose a smaller --batch-size"
         )
     return dataset
+
+
+def start_backend(config: Config) -> None:
+    """What must be settled before JAX computes anything: determinism and the compilation
+    cache; then which backend runs, said out loud (and loudly when it looks like the wrong
+    one)."""
+    if config.deterministic:
+        parallel.use_deterministic_ops()
+    parallel.use_compilation_cache()
+    devices = parallel.describe_devices()
+    print(
+        f"backend: {devices['backend']}, {devices['device_count']} x {devices['device_kind']}"
+        + (" (deterministic)" if config.deterministic else ""),
+        flush=True,
+    )
+    if hint := parallel.accelerator_hint():
+        warnings.warn(f"JAX is running on the CPU, but {hint}", stacklevel=2)
 
 
 def require_disk_space(config: Config, dataset: data_lib.Dataset, directory: str | Path) -> None:
@@ -187,17 +207,21 @@ def _run(
     """The phases of a run whose record exists and whose writer lock is held."""
     writer, loop = MultiWriter([]), None
     try:
-        loop = Loop(config, dataset, record, Trainer(config, dataset))
-        if resume:
-            loop.restore()
-        writer = loop.writer = open_writers(config, record, environment, loop.progress)
-        record.update_summary(status="running", message=None, **writer.info)
-        status, message = loop.train(stop)
-        if status == "completed":
-            write_final_record(loop)
+        with parallel.count_compilations() as compiled:  # programs XLA really compiled
+            clock = Clock()  # the run's time includes compiling
+            loop = Loop(config, dataset, record, Trainer(config, dataset), clock=clock)
+            if resume:
+                loop.restore()
+            writer = loop.writer = open_writers(config, record, environment, loop.progress)
+            record.update_summary(status="running", message=None, **writer.info)
+            status, message = loop.train(stop)
+            if status == "completed":
+                write_final_record(loop)
         totals = loop.clock.totals(
             loop.trainer.step, config.batch_size, loop.trainer.compile_seconds
         )
+        totals[metrics.COMPILED_PROGRAMS] = compiled["programs"]
+        totals[metrics.COMPILE_CACHE_HITS] = compiled["cache_hits"]
         record.update_summary(status=status, message=message, **totals)
     except BaseException as e:
         # Not a planned stop: the record says so (where the disk still lets it) before the

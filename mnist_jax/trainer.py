@@ -12,7 +12,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mnist_jax import checkpoint, parallel, steps
@@ -53,9 +52,15 @@ class Trainer:
         self.test = steps.EvalData(*parallel.place(tuple(test[:3])), test.num_examples)
         self.state = parallel.compile(self.steps.init)()
         self.sums = parallel.place(steps.Sums.zeros())
-        self._permutation = (0, steps.epoch_permutation(config.seed, 0, self.num_train))
+
+        def permutation(epoch: jax.Array) -> jax.Array:
+            return steps.epoch_permutation(config.seed, epoch, self.num_train)
+
+        self._permute = parallel.compile(permutation, np.int32(0))
+        self._learning_rate = parallel.compile(self.steps.schedule, np.int32(0))
+        self._permutation = (0, self._permute(np.int32(0)))
         example = (self.state, self.sums, self.train_images, self.train_labels)
-        example += (self._permutation[1], jnp.int32(0))
+        example += (self._permutation[1], np.int32(0))
         sizes = {self.steps_per_call, 1}
         self._chunks = {
             k: parallel.compile(steps.train_chunk(self.steps, k), *example, donate=(0, 1))
@@ -84,7 +89,7 @@ class Trainer:
         permutation = self._epoch_permutation()
         while num_steps > 0:
             size = self.steps_per_call if num_steps >= self.steps_per_call else 1
-            index = jnp.int32(self.step % self.steps_per_epoch)
+            index = np.int32(self.step % self.steps_per_epoch)
             self.state, self.sums = self._chunks[size](
                 self.state, self.sums, self.train_images, self.train_labels, permutation, index
             )
@@ -109,7 +114,7 @@ class Trainer:
         return self._evaluate(self.state, self.test)
 
     def learning_rate(self) -> float:
-        return float(self.steps.schedule(self.step))
+        return float(self._learning_rate(np.int32(self.step)))
 
     def payload(self) -> dict[str, Any]:
         """What a checkpoint holds: the state and the running sums."""
@@ -122,6 +127,5 @@ class Trainer:
 
     def _epoch_permutation(self) -> Any:
         if self._permutation[0] != self.epoch:
-            permutation = steps.epoch_permutation(self.config.seed, self.epoch, self.num_train)
-            self._permutation = (self.epoch, permutation)
+            self._permutation = (self.epoch, self._permute(np.int32(self.epoch)))
         return self._permutation[1]

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Tests count compilations and time them: no persistent compilation cache unless a test asks
+# (the variable reaches the CLI subprocesses too).
+os.environ.setdefault("MNIST_JAX_COMPILATION_CACHE", "off")
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "datasets" / "mnist"
 
 

@@ -29,6 +29,12 @@ import cli
 from mnist_jax import config, data
 from mnist_jax.errors import UserError
 
+# The tfds extra is installed in CI; where it is absent (an accelerator image) these tests skip.
+needs_tfds = pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow_datasets") is None,
+    reason='tensorflow-datasets is not installed (pip install "mnist-jax[tfds]")',
+)
+
 STEMS = list(data.FILE_STEMS.values())
 TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS = STEMS
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -489,6 +495,7 @@ def test_names_agree_with_config() -> None:
     assert all(len(names) == 10 for names in data.CLASS_NAMES.values())
 
 
+@needs_tfds
 def test_mirrors_and_checksums_match_tfds_registry() -> None:
     spec = importlib.util.find_spec("tensorflow_datasets")  # locates it without importing TF
     assert spec is not None and spec.submodule_search_locations
@@ -594,6 +601,7 @@ def test_stalled_mirror_times_out(tmp_path: Path) -> None:
 # tensorflow-datasets
 
 
+@needs_tfds
 def test_tfds_source_with_mock_data() -> None:
     import tensorflow_datasets as tfds
 
@@ -605,6 +613,7 @@ def test_tfds_source_with_mock_data() -> None:
     assert ds.class_names == data.CLASS_NAMES["fashion_mnist"] and ds.origin == "tfds"
 
 
+@needs_tfds
 def test_tfds_extra_brings_what_tfds_imports_to_prepare_data() -> None:
     from tensorflow_datasets.core import dataset_builder
 
@@ -614,6 +623,7 @@ def test_tfds_extra_brings_what_tfds_imports_to_prepare_data() -> None:
     assert any(r.startswith("importlib_resources") and 'extra == "tfds"' in r for r in requires)
 
 
+@needs_tfds
 def test_tfds_unprepared_fails_fast_without_downloading(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
