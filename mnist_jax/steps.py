@@ -50,7 +50,10 @@ class TrainSums(NamedTuple):
     def zeros() -> TrainSums:
         """Host zeros (numpy): placing them compiles nothing, unlike an eager jnp op."""
         return TrainSums(
-            np.zeros((), np.float32), np.zeros((), np.int32), np.zeros((), np.int32), np.int32(-1)
+            np.zeros((), np.float32),
+            np.zeros((), np.int32),
+            np.zeros((), np.int32),
+            np.full((), -1, np.int32),
         )
 
     def add(self, loss: jax.Array, correct: jax.Array, count: int, step: jax.Array) -> TrainSums:

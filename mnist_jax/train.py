@@ -71,6 +71,7 @@ def fit(config: Config, stop: StopRequest | None = None) -> int:
 
             require_tensorboardx()
         require_disk_space(config, dataset, config.runs_dir)
+        announce_backend(config)
         environment = describe_environment()
         stop.raise_if_requested()  # Ctrl-C before the run exists: nothing to record
         config = config.replace(name=config.name or default_run_name(config.dataset))
@@ -100,6 +101,7 @@ def resume(run_dir: str | Path, flags: Mapping[str, Any], stop: StopRequest | No
         start_backend(config)
         dataset = load_data(config)
         require_disk_space(config, dataset, record.dir)
+        announce_backend(config)
         stop.raise_if_requested()
         if given:  # e.g. the data moved: evaluate and analyze should find it there too
             write_json_atomic(record.config_path, {**saved, "config": config.to_dict()})
@@ -128,11 +130,14 @@ def load_data(config: Config) -> data_lib.Dataset:
 
 def start_backend(config: Config) -> None:
     """What must be settled before JAX computes anything: determinism and the compilation
-    cache; then which backend runs, said out loud (and loudly when it looks like the wrong
-    one)."""
+    cache."""
     if config.deterministic:
         parallel.use_deterministic_ops()
     parallel.use_compilation_cache()
+
+
+def announce_backend(config: Config) -> None:
+    """Which backend runs, said out loud (and loudly when it looks like the wrong one)."""
     devices = parallel.describe_devices()
     print(
         f"backend: {devices['backend']}, {devices['device_count']} x {devices['device_kind']}"
