@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from sklearn import metrics as skm
 
 from mnist_jax import metrics
+from mnist_jax.metrics import ranking
 
 TOL = 1e-6
 PAD = 64  # every property-based example is padded to this size, so each function compiles once
@@ -386,7 +387,7 @@ def test_exact_mean_of_fractions_against_float64(n):
     weights = rng.random(n) < 0.7
     # float64 fractions summed by fsum: within 1e-15 of the rational answer
     expected = math.fsum(numerators[weights] / denominators[weights]) / weights.sum()
-    mean = jax.jit(metrics._exact_mean_of_fractions)(
+    mean = jax.jit(ranking._exact_mean_of_fractions)(
         numerators.astype(np.int32), denominators.astype(np.int32), weights
     )
     np.testing.assert_allclose(float(mean), expected, rtol=4 * 2.0**-24)
