@@ -320,3 +320,21 @@ def test_resume_after_the_final_checkpoint_completes_the_record(tiny):
 def test_an_eval_batch_larger_than_the_split_is_not_padded_up(mnist):
     split = steps.eval_data(mnist.test.images[:30], mnist.test.labels[:30], batch_size=100_000)
     assert split.images_KxBxHxW.shape[:2] == (1, 30) and bool(split.mask_KxB.all())
+
+
+def test_beta2_is_adams_second_moment_decay(mnist):
+    """The default beta2 is optax's 0.999 (the golden values above); another one changes the
+    second step, not the first."""
+    batch = first_batch(mnist)
+
+    def two_losses(config: Config) -> tuple[float, float]:
+        built = steps.build(config, mnist.spec, total_steps=100)
+        step = jax.jit(built.train_step)
+        state, out1 = step(built.init_state, batch, steps.step_key(0, 0))
+        _, out2 = step(state, batch, steps.step_key(0, 1))
+        return float(out1["loss"]), float(out2["loss"])
+
+    assert two_losses(Config(beta2=0.999)) == two_losses(Config())
+    first, second = two_losses(Config(beta2=0.9))
+    assert first == pytest.approx(GOLDEN_LOSS_STEP_1, abs=1e-5)
+    assert second != pytest.approx(GOLDEN_LOSS_STEP_2, abs=1e-5)
