@@ -86,7 +86,7 @@ class Config:
     pool: str = option(
         "avg", "2x2 pooling after each convolution: one of {choices}.", choices=POOLS
     )
-    pool_before_activation: bool = option(
+    pool_first: bool = option(
         False, "Pool before the ReLU, not after it (for max pooling the same model, cheaper)."
     )
     dense_features: int = option(256, "Width of the hidden dense layer.")

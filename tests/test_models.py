@@ -108,7 +108,7 @@ def images() -> np.ndarray:
 
 def test_the_default_options_are_the_classic_model(images):
     """3x3 kernels, average pooling after the ReLU, same padding: the defaults, bit for bit."""
-    explicit = Config(conv_kernels=(3, 3), pool="avg", pool_before_activation=False)
+    explicit = Config(conv_kernels=(3, 3), pool="avg", pool_first=False)
     np.testing.assert_array_equal(forward(Config(), images), forward(explicit, images))
 
 
@@ -118,10 +118,10 @@ def test_each_model_option_changes_the_forward_pass_where_it_should(images):
     max_after = forward(small.replace(pool="max"), images)
     assert not np.allclose(avg_after, max_after)
     # max pooling and ReLU commute (both monotone): pooling first is the same model
-    max_before = forward(small.replace(pool="max", pool_before_activation=True), images)
+    max_before = forward(small.replace(pool="max", pool_first=True), images)
     np.testing.assert_allclose(max_before, max_after, rtol=1e-6, atol=1e-6)
     # the mean of rectified values is not the rectified mean
-    avg_before = forward(small.replace(pool_before_activation=True), images)
+    avg_before = forward(small.replace(pool_first=True), images)
     assert not np.allclose(avg_before, avg_after)
     assert not np.allclose(forward(small.replace(conv_kernels=(5, 3)), images), avg_after)
     assert not np.allclose(forward(small.replace(conv_padding="valid"), images), avg_after)

@@ -31,7 +31,7 @@ class CNN(nnx.Module):
     def __init__(self, spec: DatasetSpec, config: Config, *, rngs: nnx.Rngs) -> None:
         self.dropout = config.dropout
         self.pool = config.pool
-        self.pool_first = config.pool_before_activation
+        self.pool_first = config.pool_first
         self.padding = config.conv_padding
         self.kernels = kernel_sizes(config)
         convs, norms = [], []
