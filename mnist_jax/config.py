@@ -26,8 +26,11 @@ else:  # pragma: no cover - Python 3.10
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
 SCHEDULES = ("constant", "cosine", "onecycle")
 NORMS = ("none", "batch", "layer")
+POOLS = ("avg", "max")
+PADDINGS = ("same", "valid")
 WANDB_MODES = ("online", "offline", "disabled")
 MAX_CONV_BLOCKS = 4  # 28 -> 14 -> 7 -> 3 -> 1 pixels
+MAX_KERNEL = 28  # no larger than the image
 
 
 def option(
@@ -70,7 +73,21 @@ class Config:
     # model: the classic conv32-conv64-dense256-dense10 CNN
     model: str = option("cnn", "Model by name (see mnist_jax.models): cnn, the classic CNN.")
     conv_features: tuple[int, ...] = option(
-        (32, 64), "Output channels of each 3x3 convolution block, e.g. 32,64."
+        (32, 64), "Output channels of each convolution block, e.g. 32,64."
+    )
+    conv_kernels: tuple[int, ...] = option(
+        (), "Kernel size of each convolution block, e.g. 5,3 (default: 3x3 for every block)."
+    )
+    conv_padding: str = option(
+        "same",
+        "Convolution padding: one of {choices} (valid shrinks the image by kernel - 1 pixels).",
+        choices=PADDINGS,
+    )
+    pool: str = option(
+        "avg", "2x2 pooling after each convolution: one of {choices}.", choices=POOLS
+    )
+    pool_first: bool = option(
+        False, "Pool before the ReLU, not after it (for max pooling the same model, cheaper)."
     )
     dense_features: int = option(256, "Width of the hidden dense layer.")
     dropout: float = option(0.0, "Dropout rate before the classifier (0 turns it off).")
@@ -81,6 +98,7 @@ class Config:
     optimizer: str = option("adam", "Optimizer: one of {choices}.", choices=OPTIMIZERS)
     lr: float = option(5e-3, "Learning rate (the peak rate for cosine and onecycle schedules).")
     momentum: float = option(0.9, "Momentum for the momentum optimizer (beta1 for adam/adamw).")
+    beta2: float = option(0.999, "Decay of adam/adamw's second-moment estimate.")
     weight_decay: float = option(
         0.0, "Weight decay (decoupled for adamw, L2 added to the gradient otherwise)."
     )
@@ -224,6 +242,13 @@ def _validate(c: Config) -> None:
             f"conv_features has {len(c.conv_features)} blocks; each halves the 28x28 image, "
             f"so at most {MAX_CONV_BLOCKS} fit"
         )
+    if c.conv_kernels and len(c.conv_kernels) != len(c.conv_features):
+        raise bad(
+            f"conv_kernels has {len(c.conv_kernels)} sizes for {len(c.conv_features)} "
+            "convolution blocks; give one per block"
+        )
+    if any(not 1 <= k <= MAX_KERNEL for k in c.conv_kernels):
+        raise bad(f"conv_kernels must be in [1, {MAX_KERNEL}], got {list(c.conv_kernels)}")
     if not 0 <= c.seed < 2**32:
         raise bad(f"seed must be in [0, 2**32), got {c.seed}")
     for name in ("train_examples", "test_examples"):
@@ -235,6 +260,8 @@ def _validate(c: Config) -> None:
         raise bad(f"warmup_steps must be -1 (auto) or >= 0, got {c.warmup_steps}")
     if not 0 <= c.momentum < 1:
         raise bad(f"momentum must be in [0, 1), got {c.momentum}")
+    if not 0 <= c.beta2 < 1:
+        raise bad(f"beta2 must be in [0, 1), got {c.beta2}")
     if not 0 <= c.dropout < 1:
         raise bad(f"dropout must be in [0, 1), got {c.dropout}")
     if not 0 <= c.label_smoothing < 1:

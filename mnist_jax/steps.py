@@ -119,12 +119,16 @@ def make_optimizer(config: Config, schedule: optax.Schedule) -> optax.GradientTr
     if config.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(config.grad_clip))
     if config.optimizer == "adamw":
-        parts.append(optax.adamw(schedule, b1=config.momentum, weight_decay=config.weight_decay))
+        parts.append(
+            optax.adamw(
+                schedule, b1=config.momentum, b2=config.beta2, weight_decay=config.weight_decay
+            )
+        )
         return optax.chain(*parts)
     if config.weight_decay > 0:
         parts.append(optax.add_decayed_weights(config.weight_decay))
     if config.optimizer == "adam":
-        parts.append(optax.adam(schedule, b1=config.momentum))
+        parts.append(optax.adam(schedule, b1=config.momentum, b2=config.beta2))
     elif config.optimizer == "momentum":
         parts.append(optax.sgd(schedule, momentum=config.momentum))
     else:

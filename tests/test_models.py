@@ -64,3 +64,95 @@ def test_the_run_record_holds_the_models_description(tiny_config, tmp_path):
     saved = json.loads((tmp_path / "runs" / "described" / "config.json").read_text())
     assert saved["model"] == models.describe(config, MNIST)
     assert saved["model"]["params"] > 0 and saved["config"]["model"] == "cnn"
+
+
+def test_kernels_max_pooling_and_valid_padding_are_described_as_computed_by_hand():
+    """24/32 channels, a 5x5 then a 3x3 convolution, max pooling, 128 hidden units on paper:
+    with "same" padding the sizes are the classic ones; "valid" loses kernel - 1 pixels."""
+    config = Config(conv_features=(24, 32), conv_kernels=(5, 3), pool="max", dense_features=128)
+    same = models.describe(config, MNIST)
+    by_name = {layer["name"]: layer for layer in same["layers"]}
+    assert by_name["conv0"]["params"] == 5 * 5 * 1 * 24 + 24
+    assert by_name["conv1"]["params"] == 3 * 3 * 24 * 32 + 32
+    assert by_name["hidden"]["params"] == 7 * 7 * 32 * 128 + 128
+    assert by_name["conv0"]["flops"] == 2 * 28 * 28 * 25 * 1 * 24
+    assert by_name["conv1"]["flops"] == 2 * 14 * 14 * 9 * 24 * 32
+    assert same["params"] == 624 + 6_944 + 200_832 + 1_290
+    assert same["flops_per_example"] == 940_800 + 2_709_504 + 401_408 + 2_560
+
+    valid = models.describe(config.replace(conv_padding="valid"), MNIST)
+    assert [layer["output_shape"] for layer in valid["layers"]] == [
+        [24, 24, 24],
+        [12, 12, 24],
+        [10, 10, 32],
+        [5, 5, 32],
+        [128],
+        [10],
+    ]
+    assert valid["params"] == 624 + 6_944 + (5 * 5 * 32 * 128 + 128) + 1_290
+    assert valid["flops_per_example"] == (
+        2 * 24 * 24 * 25 * 24 + 2 * 10 * 10 * 9 * 24 * 32 + 2 * 800 * 128 + 2 * 128 * 10
+    )
+    model = models.create_model(config.replace(conv_padding="valid"), MNIST)
+    assert valid["params"] == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def forward(config: Config, images: np.ndarray) -> np.ndarray:
+    return np.asarray(models.create_model(config, MNIST)(images, train=False))
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return np.random.default_rng(0).random((4, 28, 28, 1), dtype=np.float32)
+
+
+def test_the_default_options_are_the_classic_model(images):
+    """3x3 kernels, average pooling after the ReLU, same padding: the defaults, bit for bit."""
+    explicit = Config(conv_kernels=(3, 3), pool="avg", pool_first=False)
+    np.testing.assert_array_equal(forward(Config(), images), forward(explicit, images))
+
+
+def test_each_model_option_changes_the_forward_pass_where_it_should(images):
+    small = Config(conv_features=(4, 8), dense_features=16)
+    avg_after = forward(small, images)
+    max_after = forward(small.replace(pool="max"), images)
+    assert not np.allclose(avg_after, max_after)
+    # max pooling and ReLU commute (both monotone): pooling first is the same model
+    max_before = forward(small.replace(pool="max", pool_first=True), images)
+    np.testing.assert_allclose(max_before, max_after, rtol=1e-6, atol=1e-6)
+    # the mean of rectified values is not the rectified mean
+    avg_before = forward(small.replace(pool_first=True), images)
+    assert not np.allclose(avg_before, avg_after)
+    assert not np.allclose(forward(small.replace(conv_kernels=(5, 3)), images), avg_after)
+    assert not np.allclose(forward(small.replace(conv_padding="valid"), images), avg_after)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"conv_kernels": (5,)}, "conv_kernels has 1 sizes for 2 convolution blocks"),
+        ({"conv_kernels": (0, 3)}, r"conv_kernels must be in \[1, 28\], got \[0, 3\]"),
+        ({"pool": "sum"}, "unknown pool 'sum'; choose one of: avg, max"),
+        ({"conv_padding": "full"}, "unknown conv_padding 'full'; choose one of: same, valid"),
+        ({"beta2": 1.0}, r"beta2 must be in \[0, 1\), got 1.0"),
+    ],
+)
+def test_invalid_model_options_are_one_line(changes, message):
+    with pytest.raises(UserError, match=message):
+        Config(**changes)
+
+
+def test_valid_padding_that_leaves_no_pixel_is_one_line():
+    config = Config(conv_features=(8, 8, 8), conv_kernels=(7, 5, 3), conv_padding="valid")
+    with pytest.raises(UserError, match="convolution block 2 .* leaves less than one pixel"):
+        models.describe(config, MNIST)
+
+
+@pytest.mark.parametrize("size", [8, 7])
+def test_max_pooling_is_flaxs_max_pool(size):
+    """The reshape form gives the same values as `nnx.max_pool`, an odd last row dropped."""
+    from mnist_jax.models.cnn import max_pool
+
+    x = np.random.default_rng(1).standard_normal((3, size, size, 5)).astype(np.float32)
+    expected = nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+    np.testing.assert_array_equal(max_pool(x), expected)

@@ -324,3 +324,25 @@ def test_resume_after_the_final_checkpoint_completes_the_record(tiny):
 def test_an_eval_batch_larger_than_the_split_is_not_padded_up(mnist):
     split = steps.eval_data(mnist.test.images[:30], mnist.test.labels[:30], batch_size=100_000)
     assert split.images_KxBxHxW.shape[:2] == (1, 30) and bool(split.mask_KxB.all())
+
+
+def test_beta2_is_adams_second_moment_decay(mnist):
+    """The default beta2 is optax's 0.999 (the golden values above). Adam's first update is
+    sign-like whatever beta2 is (bias correction), so another beta2 shows from the second
+    update on: in the loss of the third step."""
+    batch = first_batch(mnist)
+
+    def losses(config: Config) -> list[float]:
+        built = steps.build(config, mnist.spec, total_steps=100)
+        step, state, out = jax.jit(built.train_step), built.init_state, []
+        for i in range(3):
+            state, metrics = step(state, batch, steps.step_key(0, i))
+            out.append(float(metrics["loss"]))
+        return out
+
+    default = losses(Config())
+    assert losses(Config(beta2=0.999)) == default
+    assert default[:2] == pytest.approx([GOLDEN_LOSS_STEP_1, GOLDEN_LOSS_STEP_2], abs=1e-5)
+    other = losses(Config(beta2=0.9))
+    assert other[:2] == pytest.approx(default[:2], abs=1e-6)
+    assert abs(other[2] - default[2]) > 1e-4

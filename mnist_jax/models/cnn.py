@@ -1,8 +1,10 @@
 """`cnn`: the classic CNN of the Flax MNIST example, sized by `Config`.
 
 The default is conv32-conv64-dense256-dense10: each convolution block is a 3x3 convolution,
-optional normalisation, ReLU and 2x2 average pooling. Dropout takes an explicit key so that the
-train step stays a pure function of `(state, batch, rng)`.
+optional normalisation, ReLU and 2x2 average pooling. `Config` also chooses each block's kernel
+size, max or average pooling, and whether pooling comes before the activation (with max pooling
+the two commute, and pooling first runs the ReLU on a quarter of the pixels). Dropout takes an
+explicit key so that the train step stays a pure function of `(state, batch, rng)`.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mnist_jax.config import Config
+from mnist_jax.errors import UserError
 
 if TYPE_CHECKING:
     from mnist_jax.data.registry import DatasetSpec
 
-KERNEL = (3, 3)
+DEFAULT_KERNEL = 3
 POOL = 2
 
 
@@ -27,15 +30,27 @@ class CNN(nnx.Module):
 
     def __init__(self, spec: DatasetSpec, config: Config, *, rngs: nnx.Rngs) -> None:
         self.dropout = config.dropout
+        self.pool = config.pool
+        self.pool_first = config.pool_first
+        self.padding = config.conv_padding
+        self.kernels = kernel_sizes(config)
         convs, norms = [], []
         in_features = spec.channels
-        for features in config.conv_features:
-            convs.append(nnx.Conv(in_features, features, kernel_size=KERNEL, rngs=rngs))
+        for features, size in zip(config.conv_features, self.kernels, strict=True):
+            convs.append(
+                nnx.Conv(
+                    in_features,
+                    features,
+                    kernel_size=(size, size),
+                    padding=self.padding.upper(),
+                    rngs=rngs,
+                )
+            )
             norms.append(_make_norm(config.norm, features, rngs))
             in_features = features
         self.convs = nnx.List(convs)
         self.norms = nnx.List(norms)
-        height, width = _pooled(spec, len(config.conv_features))
+        height, width = block_sizes(spec, self.kernels, self.padding)[-1][1]
         self.hidden = nnx.Linear(height * width * in_features, config.dense_features, rngs=rngs)
         self.classifier = nnx.Linear(config.dense_features, spec.num_classes, rngs=rngs)
 
@@ -49,8 +64,7 @@ class CNN(nnx.Module):
                 x = norm(x, use_running_average=not train)
             elif norm is not None:
                 x = norm(x)
-            x = nnx.relu(x)
-            x = nnx.avg_pool(x, window_shape=(POOL, POOL), strides=(POOL, POOL))
+            x = nnx.relu(self._pool(x)) if self.pool_first else self._pool(nnx.relu(x))
         x = x.reshape(x.shape[0], -1)
         x = nnx.relu(self.hidden(x))
         if train and self.dropout > 0:
@@ -60,30 +74,72 @@ class CNN(nnx.Module):
             x = jnp.where(keep, x / (1.0 - self.dropout), 0.0)
         return self.classifier(x)
 
+    def _pool(self, x: jax.Array) -> jax.Array:
+        if self.pool == "max":
+            return max_pool(x)
+        return nnx.avg_pool(x, window_shape=(POOL, POOL), strides=(POOL, POOL))
+
     def layers(self, spec: DatasetSpec) -> list[dict[str, Any]]:
         """Each layer's output shape (per example), parameter count and forward FLOPs per
         example (a multiply-add counts as two)."""
         rows = []
-        height, width = spec.height, spec.width
-        for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
+        sizes = block_sizes(spec, self.kernels, self.padding)
+        for i, (conv, norm, (conv_hw, pooled_hw)) in enumerate(
+            zip(self.convs, self.norms, sizes, strict=True)
+        ):
             c_in, c_out = conv.in_features, conv.out_features
-            macs = height * width * KERNEL[0] * KERNEL[1] * c_in * c_out
-            rows.append(_row(f"conv{i}", [height, width, c_out], _size(conv), 2 * macs))
+            kernel_h, kernel_w = conv.kernel_size
+            macs = conv_hw[0] * conv_hw[1] * kernel_h * kernel_w * c_in * c_out
+            rows.append(_row(f"conv{i}", [*conv_hw, c_out], _size(conv), 2 * macs))
             if norm is not None:
-                rows.append(_row(f"norm{i}", [height, width, c_out], _size(norm), 0))
-            height, width = height // POOL, width // POOL
-            rows.append(_row(f"pool{i}", [height, width, c_out], 0, 0))
+                rows.append(_row(f"norm{i}", [*conv_hw, c_out], _size(norm), 0))
+            rows.append(_row(f"pool{i}", [*pooled_hw, c_out], 0, 0))
         for name, dense in (("hidden", self.hidden), ("classifier", self.classifier)):
             flops = 2 * dense.in_features * dense.out_features
             rows.append(_row(name, [dense.out_features], _size(dense), flops))
         return rows
 
 
-def _pooled(spec: DatasetSpec, blocks: int) -> tuple[int, int]:
+def max_pool(x_BxHxWxC: jax.Array) -> jax.Array:
+    """2x2 max pooling as a reshape and a max (an odd last row or column is dropped, as by
+    `nnx.max_pool`): the same values, but its gradient is a cheap comparison where XLA:CPU's
+    select-and-scatter (the gradient of `nnx.max_pool`) was measured 10x slower, a third of the
+    whole train step of a small CNN."""
+    b, h, w, c = x_BxHxWxC.shape
+    h, w = h // POOL * POOL, w // POOL * POOL
+    x = x_BxHxWxC[:, :h, :w].reshape(b, h // POOL, POOL, w // POOL, POOL, c)
+    return x.max(axis=(2, 4))
+
+
+def kernel_sizes(config: Config) -> tuple[int, ...]:
+    """Each convolution block's (square) kernel size: `conv_kernels`, else 3 for every block."""
+    return config.conv_kernels or (DEFAULT_KERNEL,) * len(config.conv_features)
+
+
+Size = tuple[int, int]
+
+
+def block_sizes(
+    spec: DatasetSpec, kernels: tuple[int, ...], padding: str
+) -> list[tuple[Size, Size]]:
+    """(height, width) after each block's convolution and after its pooling. "same" padding
+    keeps the size through a convolution, "valid" loses kernel - 1 pixels; a block that would
+    leave less than one pixel is a one-line error."""
     height, width = spec.height, spec.width
-    for _ in range(blocks):
+    sizes = []
+    for i, kernel in enumerate(kernels):
+        if padding == "valid":
+            height, width = height - kernel + 1, width - kernel + 1
+        conv_hw = (height, width)
         height, width = height // POOL, width // POOL
-    return height, width
+        if height < 1 or width < 1:
+            raise UserError(
+                f"convolution block {i} (kernel {kernel}, {padding} padding) leaves less than "
+                f"one pixel of the {spec.height}x{spec.width} image; use fewer blocks, smaller "
+                "kernels or same padding"
+            )
+        sizes.append((conv_hw, (height, width)))
+    return sizes
 
 
 def _make_norm(norm: str, features: int, rngs: nnx.Rngs) -> nnx.Module | None:

@@ -1,0 +1,331 @@
+"""Time to accuracy: mnist-jax against a Flax-example-style loop, every figure from one run.
+
+- throughput: the classic CNN and recipe (Adam, batch 128) trained for the same number of steps
+  after warm-up by a Flax-example-style loop (a Python loop over host numpy batches cut from a
+  numpy permutation, a `jax.jit` train step) and by mnist-jax's `Trainer` (data on the device,
+  batches gathered there);
+- time to accuracy: `mnist-jax train --config experiments/fast.toml --seed S` as real
+  subprocesses (process wall time from start to exit: imports, data, compile and evaluation
+  included), against one epoch of the Flax-style loop timed in this run as the yardstick. The
+  epoch is timed in two halves, one before and one after the subprocesses, so that a change in
+  the machine's load weighs on both sides;
+- evaluation: the full test set in one compiled call, counts only against counts, stacked
+  probabilities and every metric (what `Trainer.evaluate` runs).
+
+    python benchmarks/bench_speed.py [--data-dir DIR] [--steps 200] [--seeds 0,1,2]
+        [--eval-repeats 5] [--no-fast] [--no-epoch]
+
+Prints a table and writes benchmarks/results/speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mnist_jax import data, models, steps
+from mnist_jax.config import Config, config_from
+from mnist_jax.files import write_json_atomic
+from mnist_jax.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "speed.json"
+FAST = REPO / "experiments" / "fast.toml"
+
+
+def machine() -> dict[str, Any]:
+    """Where the figures come from: CPU model, cores, backend, device and versions."""
+    cpu = "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu or platform.processor(),
+        "cores": os.cpu_count(),
+        "backend": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind,
+        "device_count": jax.device_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "numpy": np.__version__,
+    }
+
+
+class FlaxStyleLoop:
+    """The Flax MNIST example's training loop around mnist-jax's model and recipe: each epoch
+    a numpy permutation, each step a host batch sliced from it and passed to a `jax.jit` train
+    step (so every step copies its batch to the device)."""
+
+    def __init__(self, config: Config, dataset: data.Dataset) -> None:
+        self.batch_size = config.batch_size
+        self.images = np.asarray(dataset.train.images)
+        self.labels = np.asarray(dataset.train.labels, np.int32)
+        self.steps_per_epoch = len(self.labels) // self.batch_size
+        built = steps.build(config, dataset.spec, self.steps_per_epoch * config.epochs)
+        self.seed = config.seed
+
+        def train_step(state, batch):
+            return built.train_step(state, batch, steps.step_key(self.seed, state.step))
+
+        self.train_step = jax.jit(train_step, donate_argnums=0)
+        self.state = built.init_state
+        self.order = np.random.default_rng(config.seed).permutation(len(self.labels))
+        self.step = 0
+
+    def run(self, num_steps: int) -> None:
+        for _ in range(num_steps):
+            index = self.step % self.steps_per_epoch
+            if index == 0 and self.step:
+                self.order = np.random.default_rng(self.seed + self.step).permutation(
+                    len(self.order)
+                )
+            rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+            batch = (self.images[rows], self.labels[rows])
+            self.state, _ = self.train_step(self.state, batch)
+            self.step += 1
+        jax.block_until_ready(self.state)
+
+
+class TrainerLoop:
+    """mnist-jax's `Trainer`, run like the loop above (never past an epoch's end per call)."""
+
+    def __init__(self, config: Config, dataset: data.Dataset) -> None:
+        self.trainer = Trainer(config, dataset)
+
+    def run(self, num_steps: int) -> None:
+        while num_steps > 0:
+            before = self.trainer.step
+            num_steps -= self.trainer.run(num_steps) - before
+        jax.block_until_ready(self.trainer.state)
+
+
+def timed(loop: FlaxStyleLoop | TrainerLoop, num_steps: int) -> float:
+    t0 = time.perf_counter()
+    loop.run(num_steps)
+    return time.perf_counter() - t0
+
+
+def throughput(config: Config, dataset: data.Dataset, num_steps: int) -> dict[str, Any]:
+    """Examples/s of both loops over `num_steps` steps after a warm-up step, timed in two
+    alternating halves so that both see the same machine."""
+    loops = {"flax_style": FlaxStyleLoop(config, dataset), "trainer": TrainerLoop(config, dataset)}
+    for loop in loops.values():
+        loop.run(1)  # compile (the Flax-style loop) and first-call set-up, off the clock
+    seconds = dict.fromkeys(loops, 0.0)
+    for half in (num_steps // 2, num_steps - num_steps // 2):
+        for name, loop in loops.items():
+            seconds[name] += timed(loop, half)
+    rates = {name: num_steps * config.batch_size / s for name, s in seconds.items()}
+    return {
+        "steps": num_steps,
+        "batch_size": config.batch_size,
+        "examples_per_sec": rates,
+        "trainer_over_flax_style": rates["trainer"] / rates["flax_style"],
+    }
+
+
+def fast_run(seed: int, data_dir: str | None, runs_dir: Path) -> dict[str, Any]:
+    """One `mnist-jax train --config experiments/fast.toml --seed S`, timed from outside."""
+    name = f"fast-seed{seed}"
+    command = [*train_command(), "--config", str(FAST), "--seed", str(seed)]
+    command += ["--runs-dir", str(runs_dir), "--name", name, "--wandb", "disabled"]
+    if data_dir:
+        command += ["--data-dir", data_dir]
+    t0 = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    summary = json.loads((runs_dir / name / "summary.json").read_text())
+    return {
+        "seed": seed,
+        "test_accuracy": summary["test/accuracy"],
+        "process_wall_seconds": wall,
+        "compile_seconds": summary["time/compile_seconds"],
+        "total_seconds": summary["time/total_seconds"],
+        "train_examples_per_sec": summary["train/examples_per_sec"],
+    }
+
+
+def train_command() -> list[str]:
+    """The installed `mnist-jax` beside this Python, else the repository's cli.py."""
+    script = Path(sys.executable).with_name("mnist-jax")
+    if script.is_file():
+        return [str(script), "train"]
+    found = shutil.which("mnist-jax")
+    return [found, "train"] if found else [sys.executable, str(REPO / "cli.py"), "train"]
+
+
+def time_to_accuracy(
+    config: Config, dataset: data.Dataset, seeds: list[int], data_dir: str | None, epoch: bool
+) -> dict[str, Any]:
+    """The fast recipe's runs, and one epoch of the Flax-style loop around them."""
+    loop = FlaxStyleLoop(config, dataset) if epoch else None
+    halves = []
+    if loop is not None:
+        loop.run(1)  # compile, off the clock
+        halves.append(timed(loop, loop.steps_per_epoch // 2))
+    with tempfile.TemporaryDirectory(prefix="bench_speed_") as runs_dir:
+        runs = [fast_run(seed, data_dir, Path(runs_dir)) for seed in seeds]
+    if loop is not None:
+        halves.append(timed(loop, loop.steps_per_epoch - loop.steps_per_epoch // 2))
+    command = f"mnist-jax train --config {FAST.relative_to(REPO)} --seed S"
+    result: dict[str, Any] = {"command": command}
+    result["runs"] = runs
+    if halves:
+        epoch_seconds = sum(halves)
+        result["flax_style_epoch"] = {
+            "seconds": epoch_seconds,
+            "halves_seconds": halves,
+            "examples_per_sec": loop.steps_per_epoch * config.batch_size / epoch_seconds,
+        }
+        for run in runs:
+            run["wall_over_flax_style_epoch"] = run["process_wall_seconds"] / epoch_seconds
+    return result
+
+
+def eval_seconds(config: Config, dataset: data.Dataset, repeats: int) -> dict[str, list[float]]:
+    """The full test split as one compiled call: counts only, against the trainer's call that
+    also stacks the probabilities and computes every metric."""
+    trainer = Trainer(config, dataset)
+    c = dataset.spec.num_classes
+
+    def counts_only(state, test):
+        def one(total, batch):
+            images, labels, mask = batch
+            sums, _ = trainer.steps.eval_step(state, (images, labels), mask)
+            return jax.tree.map(jnp.add, total, sums), None
+
+        zeros = steps.EvalSums(
+            jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((c, c), jnp.int32)
+        )
+        batches = (test.images_KxBxHxW, test.labels_KxB, test.mask_KxB)
+        return jax.lax.scan(one, zeros, batches)[0]
+
+    counts = jax.jit(counts_only)
+    calls = {
+        "counts only": lambda: counts(trainer.state, trainer.test),
+        "counts + all metrics": trainer.evaluate,
+    }
+    timings: dict[str, list[float]] = {name: [] for name in calls}
+    for call in calls.values():
+        jax.block_until_ready(call())  # compile, off the clock
+    for _ in range(repeats):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(call())
+            timings[name].append(time.perf_counter() - t0)
+    return timings
+
+
+def print_table(results: dict[str, Any]) -> None:
+    m = results["machine"]
+    print(f"\n{m['cpu']}, {m['cores']} cores; {m['backend']} ({m['device_kind']})")
+    print(f"jax {m['jax']}, flax {m['flax']}, optax {m['optax']}")
+    for name, model in results["models"].items():
+        print(
+            f"{name} model: {model['params']:,} parameters, "
+            f"{model['flops_per_example'] / 1e6:.2f} MFLOP per example forward"
+        )
+    print()
+    t = results.get("throughput")
+    if t:
+        rates = t["examples_per_sec"]
+        print(f"classic CNN, Adam, batch {t['batch_size']}, {t['steps']} steps after warm-up:")
+        print(f"  {'Flax-style loop':<40} {rates['flax_style']:>10,.0f} examples/s")
+        print(f"  {'mnist-jax Trainer':<40} {rates['trainer']:>10,.0f} examples/s")
+        print(f"  {'ratio Trainer / Flax-style':<40} {t['trainer_over_flax_style']:>10.2f}\n")
+    f = results.get("fast")
+    if f:
+        epoch = f.get("flax_style_epoch")
+        if epoch:
+            halves = " + ".join(f"{h:.1f}" for h in epoch["halves_seconds"])
+            print(
+                f"yardstick: one Flax-style epoch of the classic recipe {epoch['seconds']:.1f} s "
+                f"({halves}; {epoch['examples_per_sec']:,.0f} examples/s)"
+            )
+        print(f"{f['command']}:")
+        print(
+            f"  {'seed':>4} {'test acc':>9} {'wall s':>7} {'compile s':>10} {'total s':>8} "
+            f"{'examples/s':>11} {'wall/epoch':>11}"
+        )
+        for r in f["runs"]:
+            ratio = r.get("wall_over_flax_style_epoch")
+            print(
+                f"  {r['seed']:>4} {100 * r['test_accuracy']:>8.2f}% "
+                f"{r['process_wall_seconds']:>7.1f} {r['compile_seconds']:>10.1f} "
+                f"{r['total_seconds']:>8.1f} {r['train_examples_per_sec']:>11,.0f} "
+                f"{'' if ratio is None else f'{ratio:.2f}':>11}"
+            )
+        print()
+    e = results.get("eval_seconds")
+    if e:
+        print(f"full test evaluation, {e['model']} ({e['repeats']} repeats): median / min s")
+        for name in ("counts only", "counts + all metrics"):
+            s = e[name]
+            print(f"  {name:<40} {statistics.median(s):>7.3f} {min(s):>7.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=os.environ.get(data.DATA_DIR_ENV))
+    parser.add_argument("--steps", type=int, default=200, help="steps timed per loop (0: skip)")
+    parser.add_argument("--seeds", default="0,1,2", help="seeds of the fast.toml runs")
+    parser.add_argument("--eval-repeats", type=int, default=5, help="0: skip evaluation")
+    parser.add_argument("--no-fast", action="store_true", help="skip the fast.toml runs")
+    parser.add_argument(
+        "--no-epoch", action="store_true", help="skip the Flax-style epoch (no ratio)"
+    )
+    args = parser.parse_args()
+
+    dataset = data.load_dataset("mnist", args.data_dir)
+    classic = Config()  # the classic CNN, Adam, batch 128
+    fast = config_from(FAST, {})
+    results: dict[str, Any] = {"machine": machine(), "models": {}}
+    for name, config in (("classic", classic), ("fast", fast)):
+        described = models.describe(config, dataset.spec)
+        results["models"][name] = {
+            "params": described["params"],
+            "flops_per_example": described["flops_per_example"],
+        }
+    if args.steps > 0:
+        results["throughput"] = throughput(classic, dataset, args.steps)
+    if not args.no_fast:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        results["fast"] = time_to_accuracy(
+            classic, dataset, seeds, args.data_dir, epoch=not args.no_epoch
+        )
+    if args.eval_repeats > 0:
+        results["eval_seconds"] = {
+            "model": "fast.toml's model",
+            "repeats": args.eval_repeats,
+            **eval_seconds(fast, dataset, args.eval_repeats),
+        }
+    print_table(results)
+    write_json_atomic(RESULTS, results)
+    print(f"\nwrote {RESULTS.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
