@@ -145,15 +145,18 @@ def throughput(config: Config, dataset: data.Dataset, num_steps: int) -> dict[st
     }
 
 
-def fast_run(seed: int, data_dir: str | None, runs_dir: Path) -> dict[str, Any]:
-    """One `mnist-jax train --config experiments/fast.toml --seed S`, timed from outside."""
-    name = f"fast-seed{seed}"
+def fast_run(
+    seed: int, data_dir: str | None, runs_dir: Path, cache: str, name: str
+) -> dict[str, Any]:
+    """One `mnist-jax train --config experiments/fast.toml --seed S`, timed from outside, with
+    the persistent compilation cache in `cache` (a directory, or `off`)."""
     command = [*train_command(), "--config", str(FAST), "--seed", str(seed)]
     command += ["--runs-dir", str(runs_dir), "--name", name, "--wandb", "disabled"]
     if data_dir:
         command += ["--data-dir", data_dir]
     t0 = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    env = {**os.environ, "MNIST_JAX_COMPILATION_CACHE": cache}
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
@@ -163,6 +166,8 @@ def fast_run(seed: int, data_dir: str | None, runs_dir: Path) -> dict[str, Any]:
         "test_accuracy": summary["test/accuracy"],
         "process_wall_seconds": wall,
         "compile_seconds": summary["time/compile_seconds"],
+        "compiled_programs": summary["compile/programs"],
+        "compile_cache_hits": summary["compile/cache_hits"],
         "total_seconds": summary["time/total_seconds"],
         "train_examples_per_sec": summary["train/examples_per_sec"],
     }
@@ -186,8 +191,15 @@ def time_to_accuracy(
     if loop is not None:
         loop.run(1)  # compile, off the clock
         halves.append(timed(loop, loop.steps_per_epoch // 2))
-    with tempfile.TemporaryDirectory(prefix="bench_speed_") as runs_dir:
-        runs = [fast_run(seed, data_dir, Path(runs_dir)) for seed in seeds]
+    with tempfile.TemporaryDirectory(prefix="bench_speed_") as tmp:
+        runs_dir, cache = Path(tmp) / "runs", str(Path(tmp) / "xla")
+        # Each seed cold (no cache), then warm (the cache filled by the first cold run): the
+        # shapes do not depend on the seed, so a warm run compiles nothing.
+        runs = [fast_run(seed, data_dir, runs_dir, "off", f"cold-{seed}") for seed in seeds]
+        fast_run(seeds[0], data_dir, runs_dir, cache, "fill-cache")
+        runs += [fast_run(seed, data_dir, runs_dir, cache, f"warm-{seed}") for seed in seeds]
+        for run, state in zip(runs, ["cold"] * len(seeds) + ["warm"] * len(seeds), strict=True):
+            run["compilation_cache"] = state
     if loop is not None:
         halves.append(timed(loop, loop.steps_per_epoch - loop.steps_per_epoch // 2))
     command = f"mnist-jax train --config {FAST.relative_to(REPO)} --seed S"
@@ -267,15 +279,16 @@ def print_table(results: dict[str, Any]) -> None:
             )
         print(f"{f['command']}:")
         print(
-            f"  {'seed':>4} {'test acc':>9} {'wall s':>7} {'compile s':>10} {'total s':>8} "
-            f"{'examples/s':>11} {'wall/epoch':>11}"
+            f"  {'cache':>5} {'seed':>4} {'test acc':>9} {'wall s':>7} {'compile s':>10} "
+            f"{'programs/hits':>13} {'total s':>8} {'examples/s':>11} {'wall/epoch':>11}"
         )
         for r in f["runs"]:
             ratio = r.get("wall_over_flax_style_epoch")
+            programs = f"{r['compiled_programs']}/{r['compile_cache_hits']}"
             print(
-                f"  {r['seed']:>4} {100 * r['test_accuracy']:>8.2f}% "
+                f"  {r['compilation_cache']:>5} {r['seed']:>4} {100 * r['test_accuracy']:>8.2f}% "
                 f"{r['process_wall_seconds']:>7.1f} {r['compile_seconds']:>10.1f} "
-                f"{r['total_seconds']:>8.1f} {r['train_examples_per_sec']:>11,.0f} "
+                f"{programs:>13} {r['total_seconds']:>8.1f} {r['train_examples_per_sec']:>11,.0f} "
                 f"{'' if ratio is None else f'{ratio:.2f}':>11}"
             )
         print()
