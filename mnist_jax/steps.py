@@ -142,14 +142,15 @@ class Steps(NamedTuple):
     config: Config
     spec: DatasetSpec
     schedule: optax.Schedule
-    init: Callable[[], TrainState]  # the initial state, as one function of nothing
+    init: Callable[[Any], TrainState]  # the initial state, as a function of the seed
     train_step: Callable[..., Any]
     eval_step: Callable[..., Any]
 
     @property
     def init_state(self) -> TrainState:
-        """The initial state, computed eagerly (the trainer compiles `init` instead)."""
-        return self.init()
+        """The initial state for the config's seed, computed eagerly (the trainer compiles
+        `init` instead)."""
+        return self.init(self.config.seed)
 
 
 def build(config: Config, spec: DatasetSpec, total_steps: int) -> Steps:
@@ -159,8 +160,8 @@ def build(config: Config, spec: DatasetSpec, total_steps: int) -> Steps:
     optimizer = make_optimizer(config, schedule)
     num_classes = spec.num_classes
 
-    def init() -> TrainState:
-        _, params, model_state = nnx.split(create_model(config, spec), nnx.Param, ...)
+    def init(seed: Any) -> TrainState:
+        _, params, model_state = nnx.split(create_model(config, spec, seed), nnx.Param, ...)
         return TrainState(jnp.zeros((), jnp.int32), params, model_state, optimizer.init(params))
 
     def forward(params, model_state, images_BxHxW, *, train, dropout_key=None):

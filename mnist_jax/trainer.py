@@ -8,6 +8,7 @@ size and evaluation are each compiled once, ahead of time, through `mnist_jax.pa
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -28,7 +29,9 @@ def checkpoint_bytes(config: Config, spec: Any) -> int:
     """The size of one checkpoint of this config's training (state and sums), computed from
     shapes alone."""
     built = steps.build(config, spec, total_steps=1)
-    abstract = jax.eval_shape(lambda: {"state": built.init(), "sums": steps.Sums.zeros()})
+    abstract = jax.eval_shape(
+        lambda: {"state": built.init(config.seed), "sums": steps.Sums.zeros()}
+    )
     return checkpoint.payload_bytes(abstract)
 
 
@@ -50,13 +53,16 @@ class Trainer:
         )
         test = steps.eval_data(dataset.test.images, dataset.test.labels, config.eval_batch_size)
         self.test = steps.EvalData(*parallel.place(tuple(test[:3])), test.num_examples)
-        self.state = parallel.compile(self.steps.init)()
+        # The seed is an argument, not a constant: one program serves every seed, so a seed
+        # sweep with a warm compilation cache compiles nothing.
+        seed = np.uint32(config.seed)
+        self.state = parallel.compile(self.steps.init, seed)(seed)
         self.sums = parallel.place(steps.Sums.zeros())
 
-        def permutation(epoch: jax.Array) -> jax.Array:
-            return steps.epoch_permutation(config.seed, epoch, self.num_train)
+        def permutation(seed: jax.Array, epoch: jax.Array) -> jax.Array:
+            return steps.epoch_permutation(seed, epoch, self.num_train)
 
-        self._permute = parallel.compile(permutation, np.int32(0))
+        self._permute = functools.partial(parallel.compile(permutation, seed, np.int32(0)), seed)
         self._learning_rate = parallel.compile(self.steps.schedule, np.int32(0))
         self._permutation = (0, self._permute(np.int32(0)))
         example = (self.state, self.sums, self.train_images, self.train_labels)

@@ -79,8 +79,9 @@ def run_cli(*args: str, env: dict) -> dict:
 
 @pytest.mark.slow
 def test_the_compilation_cache_makes_a_second_run_compile_nothing(tmp_path, mnist_dir):
-    """Five programs a run (init, permutation, schedule, train chunk, evaluation); the second
-    run with the same shapes reads all of them from the persistent cache, to the same bits."""
+    """Five programs a run (init, permutation, schedule, train chunk, evaluation); a second
+    run with the same shapes reads all of them from the persistent cache, to the same bits,
+    and so does a run with another seed (the seed is an argument of the programs)."""
     cache = tmp_path / "xla"
     common = [
         "train", "--data-dir", str(mnist_dir), "--runs-dir", str(tmp_path),
@@ -89,10 +90,12 @@ def test_the_compilation_cache_makes_a_second_run_compile_nothing(tmp_path, mnis
         "--deterministic",
     ]  # fmt: skip
     summaries = []
-    for name in ("cold", "warm"):
-        run_cli(*common, "--name", name, env={"MNIST_JAX_COMPILATION_CACHE": str(cache)})
+    for name, seed in (("cold", "0"), ("warm", "0"), ("other-seed", "1")):
+        env = {"MNIST_JAX_COMPILATION_CACHE": str(cache)}
+        run_cli(*common, "--name", name, "--seed", seed, env=env)
         summaries.append(json.loads((tmp_path / name / "summary.json").read_text()))
-    cold, warm = summaries
+    cold, warm, other_seed = summaries
+    assert other_seed["compile/cache_hits"] == 5
     assert cold["compile/programs"] == 5 and cold["compile/cache_hits"] == 0
     assert warm["compile/programs"] == 5 and warm["compile/cache_hits"] == 5
     assert any(cache.iterdir())

@@ -68,7 +68,7 @@ def test_train_events_average_exactly_the_steps_since_the_last_event(tiny_config
 
     dataset = train.load_data(config)
     built = steps.build(config, dataset.spec, total_steps=16)
-    state, step_fn = jax.jit(built.init)(), jax.jit(built.train_step)
+    state, step_fn = jax.jit(built.init)(config.seed), jax.jit(built.train_step)
     images, labels = jnp.asarray(dataset.train.images), jnp.asarray(dataset.train.labels)
     losses = []
     for step in range(16):

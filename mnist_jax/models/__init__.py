@@ -31,9 +31,11 @@ def model_class(name: str) -> type[nnx.Module]:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}") from None
 
 
-def create_model(config: Config, spec: DatasetSpec) -> nnx.Module:
-    """The model `config` names, for `spec`'s images, initialised from `config.seed`."""
-    return model_class(config.model)(spec, config, rngs=nnx.Rngs(params=config.seed))
+def create_model(config: Config, spec: DatasetSpec, seed: Any = None) -> nnx.Module:
+    """The model `config` names, for `spec`'s images, initialised from `seed` (a traced value
+    inside a compiled initialisation, so one program serves every seed), else `config.seed`."""
+    key = jax.random.key(config.seed if seed is None else seed)
+    return model_class(config.model)(spec, config, rngs=nnx.Rngs(params=key))
 
 
 def describe(config: Config, spec: DatasetSpec) -> dict[str, Any]:
