@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import machine
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "revisions.json"
@@ -90,7 +91,7 @@ def main() -> None:
     RESULTS.write_text(
         json.dumps(
             {
-                "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version()},
+                "machine": machine(),
                 "train_args": train_args,
                 "runs": results,
                 "medians": medians,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -33,11 +32,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+from common import machine
 
 from mnist_jax import data, models, steps
 from mnist_jax.config import Config, config_from
@@ -47,29 +45,6 @@ from mnist_jax.trainer import Trainer
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "speed.json"
 FAST = REPO / "experiments" / "fast.toml"
-
-
-def machine() -> dict[str, Any]:
-    """Where the figures come from: CPU model, cores, backend, device and versions."""
-    cpu = "unknown"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": cpu or platform.processor(),
-        "cores": os.cpu_count(),
-        "backend": jax.default_backend(),
-        "device_kind": jax.devices()[0].device_kind,
-        "device_count": jax.device_count(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-        "numpy": np.__version__,
-    }
 
 
 class FlaxStyleLoop:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import jax
+from common import machine
 
 from mnist_jax import data
 from mnist_jax.config import Config
@@ -102,13 +102,7 @@ def main() -> None:
     RESULTS.write_text(
         json.dumps(
             {
-                "machine": {
-                    "backend": jax.default_backend(),
-                    "device_kind": jax.devices()[0].device_kind,
-                    "cpu_count": os.cpu_count(),
-                    "python": platform.python_version(),
-                    "jax": jax.__version__,
-                },
+                "machine": machine(),
                 "train_examples_per_sec": train,
                 "eval_seconds": evals,
             },
