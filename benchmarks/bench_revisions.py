@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine
+from common import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "revisions.json"
@@ -87,19 +87,7 @@ def main() -> None:
     for key in medians[args.base]:
         a, b = medians[args.base][key], medians[args.head][key]
         print(f"{key:<28}{a:>14.4g}{b:>14.4g}{b / a if a else float('nan'):>8.3f}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "machine": machine(),
-                "train_args": train_args,
-                "runs": results,
-                "medians": medians,
-            },
-            indent=2,
-        )
-    )
-    print(f"wrote {RESULTS}")
+    write_results(RESULTS, train_args=train_args, runs=results, medians=medians)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ Prints a table and writes benchmarks/results/train.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 from pathlib import Path
 
 import jax
-from common import machine
+from common import write_results
 
 from mnist_jax import data
 from mnist_jax.config import Config
@@ -98,18 +97,7 @@ def main() -> None:
     for name, seconds in evals.items():
         print(f"{name:<36} {statistics.median(seconds):>12.3f} {min(seconds):>8.3f}")
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "machine": machine(),
-                "train_examples_per_sec": train,
-                "eval_seconds": evals,
-            },
-            indent=2,
-        )
-    )
-    print(f"wrote {RESULTS}")
+    write_results(RESULTS, train_examples_per_sec=train, eval_seconds=evals)
 
 
 if __name__ == "__main__":

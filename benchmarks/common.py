@@ -34,3 +34,11 @@ def machine() -> dict[str, Any]:
         "optax": optax.__version__,
         "numpy": np.__version__,
     }
+
+
+def write_results(path: Path, **figures: Any) -> None:
+    """Writes the figures, with the machine they come from, as JSON (atomically)."""
+    from mnist_jax.files import write_json_atomic
+
+    write_json_atomic(path, {"machine": machine(), **figures})
+    print(f"wrote {path}")
