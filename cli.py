@@ -120,6 +120,41 @@ def train(
     raise typer.Exit(code)
 
 
+@app.command()
+@user_errors
+@config_options
+def sweep(
+    spec: Annotated[
+        Path | None,
+        typer.Argument(help="Sweep spec (TOML): base recipe and swept values, see experiments/."),
+    ] = None,
+    max_parallel: Annotated[
+        int,
+        typer.Option(
+            "--max-parallel",
+            help="Most trials trained at once as one mapped program (0: per backend, 1 on "
+            "XLA:CPU, where one trial at a time is faster; 16 on GPU/TPU). 1 runs the trials "
+            "one after another, sharing one compiled program.",
+        ),
+    ] = 0,
+    resume: Annotated[
+        Path | None,
+        typer.Option("--resume", help="Continue the sweep in this directory."),
+    ] = None,
+    **flags: Any,
+) -> None:
+    """Train many trials of one recipe (a grid, zipped lists or random samples) and tabulate
+    them in RUNS_DIR/SWEEP_NAME; flags set the base recipe, --name the sweep's name."""
+    flags = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()}
+    name = flags.pop("name")
+    with stop_on_signals() as stop:
+        from mnist_jax.sweep.run import sweep as run
+
+        stop.raise_if_requested()
+        code = run(spec, flags, name=name, max_parallel=max_parallel, resume=resume, stop=stop)
+    raise typer.Exit(code)
+
+
 @data_app.command("info")
 @user_errors
 def data_info(

@@ -145,3 +145,4 @@ class Checkpoints:
     def close(self) -> None:
         for manager in self._managers.values():
             manager.close()
+        self._managers.clear()

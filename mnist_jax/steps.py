@@ -11,7 +11,7 @@ once, at log time.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
@@ -86,65 +86,128 @@ class EvalSums(NamedTuple):
     confusion: jax.Array  # int32 [C, C]
 
 
+class Hyper(NamedTuple):
+    """The hyperparameters that are arguments of the compiled programs, not constants in them.
+
+    Trials that differ only in these values share one program: a sweep stacks them along a
+    trial axis and maps the steps over it, and a run with another seed or learning rate reuses
+    the compiled programs of the last one. Whether a term exists at all (clipping, weight decay,
+    dropout) is structure, fixed by the config (`structure`).
+    """
+
+    lr: Any
+    momentum: Any  # momentum (sgd) or beta1 (adam, adamw)
+    beta2: Any
+    weight_decay: Any
+    label_smoothing: Any
+    dropout: Any
+    grad_clip: Any
+    seed: Any  # uint32
+
+    @staticmethod
+    def of(config: Config) -> Hyper:
+        """`config`'s values as host scalars (float32; the seed uint32)."""
+        values = {name: np.float32(getattr(config, name)) for name in Hyper._fields[:-1]}
+        return Hyper(**values, seed=np.uint32(config.seed))
+
+    @staticmethod
+    def stack(configs: Sequence[Config]) -> Hyper:
+        """The values of several configs along a leading trial axis."""
+        return jax.tree.map(lambda *xs: np.stack(xs), *(Hyper.of(c) for c in configs))
+
+
+VALUE_FIELDS = Hyper._fields
+
+
+def structure(config: Config) -> dict[str, Any]:
+    """What the compiled programs of `config` depend on besides `Hyper`'s values: configs with
+    equal structures train as one program. A value field keeps only whether its term exists."""
+    shape = {k: v for k, v in config.to_dict().items() if k not in VALUE_FIELDS}
+    shape.update(
+        grad_clip=config.grad_clip > 0,
+        weight_decay=config.weight_decay > 0 and config.optimizer != "adamw",
+        dropout=config.dropout > 0,
+    )
+    return shape
+
+
 def warmup_steps(config: Config, total_steps: int) -> int:
     if config.warmup_steps >= 0:
         return min(config.warmup_steps, total_steps)
     return total_steps // 10 if config.schedule == "onecycle" else 0
 
 
-def make_schedule(config: Config, total_steps: int) -> optax.Schedule:
-    """The learning rate by step: `lr` is the peak for cosine and onecycle."""
+def make_schedule(config: Config, total_steps: int) -> Callable[[Any, Any], Any]:
+    """The learning rate as a function of (step, lr): `lr` is the peak for cosine and onecycle,
+    and the schedule's shape (a function of the step alone) is scaled by it."""
     warmup = warmup_steps(config, total_steps)
     total = max(total_steps, 1)
     if config.schedule == "onecycle":
-        return optax.warmup_cosine_decay_schedule(
-            init_value=config.lr / 25,
-            peak_value=config.lr,
+        shape = optax.warmup_cosine_decay_schedule(
+            init_value=1 / 25,
+            peak_value=1.0,
             warmup_steps=warmup,
             decay_steps=total,
-            end_value=config.lr / 25e4,
+            end_value=1 / 25e4,
         )
-    if config.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=config.lr, warmup_steps=warmup, decay_steps=total
+    elif config.schedule == "cosine":
+        shape = optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=1.0, warmup_steps=warmup, decay_steps=total
         )
-    if warmup:
-        return optax.linear_schedule(0.0, config.lr, warmup)
-    return optax.constant_schedule(config.lr)
+    elif warmup:
+        shape = optax.linear_schedule(0.0, 1.0, warmup)
+    else:
+        shape = optax.constant_schedule(1.0)
+
+    def schedule(step: Any, lr: Any) -> Any:
+        return lr * shape(step)
+
+    return schedule
 
 
-def make_optimizer(config: Config, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """optax chain: optional clipping, L2 weight decay (decoupled for adamw), the optimizer."""
+def make_optimizer(
+    config: Config, schedule: Callable[[Any, Any], Any], hyper: Hyper
+) -> optax.GradientTransformation:
+    """optax chain: optional clipping, L2 weight decay (decoupled for adamw), the optimizer.
+
+    Built inside the step from `hyper`'s (traced) values: the optimizer state's structure
+    depends only on the config, so `init` may use any values.
+    """
     parts = []
+
+    def lr(count: Any) -> Any:
+        return schedule(count, hyper.lr)
+
     if config.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(config.grad_clip))
+        parts.append(optax.clip_by_global_norm(hyper.grad_clip))
     if config.optimizer == "adamw":
         parts.append(
-            optax.adamw(
-                schedule, b1=config.momentum, b2=config.beta2, weight_decay=config.weight_decay
-            )
+            optax.adamw(lr, b1=hyper.momentum, b2=hyper.beta2, weight_decay=hyper.weight_decay)
         )
         return optax.chain(*parts)
     if config.weight_decay > 0:
-        parts.append(optax.add_decayed_weights(config.weight_decay))
+        parts.append(optax.add_decayed_weights(hyper.weight_decay))
     if config.optimizer == "adam":
-        parts.append(optax.adam(schedule, b1=config.momentum, b2=config.beta2))
+        parts.append(optax.adam(lr, b1=hyper.momentum, b2=hyper.beta2))
     elif config.optimizer == "momentum":
-        parts.append(optax.sgd(schedule, momentum=config.momentum))
+        parts.append(optax.sgd(lr, momentum=hyper.momentum))
     else:
-        parts.append(optax.sgd(schedule))
+        parts.append(optax.sgd(lr))
     return optax.chain(*parts)
 
 
 class Steps(NamedTuple):
-    """The pure functions of one config: built once, compiled by `mnist_jax.parallel`."""
+    """The pure functions of one config: built once, compiled by `mnist_jax.parallel`.
+
+    Each takes the values of `Hyper` as an argument where it needs them; `None` means the
+    config's own (constants, for a quick eager or jitted call)."""
 
     config: Config
     spec: DatasetSpec
-    schedule: optax.Schedule
+    schedule: Callable[[Any, Any], Any]  # (step, lr) -> the learning rate
     init: Callable[[Any], TrainState]  # the initial state, as a function of the seed
-    train_step: Callable[..., Any]
-    eval_step: Callable[..., Any]
+    train_step: Callable[..., Any]  # (state, batch, rng, hyper=None) -> (state, outputs)
+    eval_step: Callable[..., Any]  # (state, batch, mask) -> (EvalSums, probabilities)
 
     @property
     def init_state(self) -> TrainState:
@@ -152,40 +215,51 @@ class Steps(NamedTuple):
         `init` instead)."""
         return self.init(self.config.seed)
 
+    @property
+    def hyper(self) -> Hyper:
+        return Hyper.of(self.config)
+
 
 def build(config: Config, spec: DatasetSpec, total_steps: int) -> Steps:
     """Model, optimizer, initial state and the pure step functions for `config` on `spec`."""
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: create_model(config, spec)))
     schedule = make_schedule(config, total_steps)
-    optimizer = make_optimizer(config, schedule)
     num_classes = spec.num_classes
 
     def init(seed: Any) -> TrainState:
         _, params, model_state = nnx.split(create_model(config, spec, seed), nnx.Param, ...)
-        return TrainState(jnp.zeros((), jnp.int32), params, model_state, optimizer.init(params))
+        opt_state = make_optimizer(config, schedule, Hyper.of(config)).init(params)
+        return TrainState(jnp.zeros((), jnp.int32), params, model_state, opt_state)
 
-    def forward(params, model_state, images_BxHxW, *, train, dropout_key=None):
+    def forward(params, model_state, images_BxHxW, *, train, dropout_key=None, dropout=None):
         module = nnx.merge(graphdef, params, model_state, copy=True)
         inputs = preprocess(images_BxHxW, spec)
-        logits_BxC = module(inputs, train=train, dropout_key=dropout_key)
+        logits_BxC = module(inputs, train=train, dropout_key=dropout_key, dropout_rate=dropout)
         _, _, new_model_state = nnx.split(module, nnx.Param, ...)
         return logits_BxC, new_model_state
 
-    def train_step(state: TrainState, batch, rng: jax.Array):
+    def train_step(state: TrainState, batch, rng: jax.Array, hyper: Hyper | None = None):
+        hyper = Hyper.of(config) if hyper is None else hyper
         images_BxHxW, labels_B = batch
 
         def loss_fn(params):
             logits_BxC, new_model_state = forward(
-                params, state.model_state, images_BxHxW, train=True, dropout_key=rng
+                params,
+                state.model_state,
+                images_BxHxW,
+                train=True,
+                dropout_key=rng,
+                dropout=hyper.dropout,
             )
             targets_BxC = optax.smooth_labels(
-                jax.nn.one_hot(labels_B, num_classes), config.label_smoothing
+                jax.nn.one_hot(labels_B, num_classes), hyper.label_smoothing
             )
             loss = optax.softmax_cross_entropy(logits_BxC, targets_BxC).mean()
             return loss, (logits_BxC, new_model_state)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (logits_BxC, new_model_state)), grads = grad_fn(state.params)
+        optimizer = make_optimizer(config, schedule, hyper)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         correct = jnp.sum(jnp.argmax(logits_BxC, -1) == labels_B)
@@ -222,19 +296,22 @@ def step_key(seed: int, step: jax.Array) -> jax.Array:
 def train_chunk(steps: Steps, steps_per_call: int) -> Callable[..., tuple[TrainState, Sums]]:
     """K train steps as one function, batches gathered on the device.
 
-    Arguments: (state, sums, images_NxHxW, labels_N, permutation_N, first_index); compile it
-    with the state and sums donated. K = 1 runs at top level; K > 1 runs under `lax.scan` (on
-    XLA:CPU a scanned convolution gradient is much slower, on GPU/TPU the per-call dispatch is
-    what costs).
+    Arguments: (state, sums, images_NxHxW, labels_N, permutation_N, first_index, hyper=None);
+    compile it with the state and sums donated. K = 1 runs at top level; K > 1 runs under
+    `lax.scan` (on XLA:CPU a scanned convolution gradient is much slower, on GPU/TPU the
+    per-call dispatch is what costs).
     """
-    batch_size, seed = steps.config.batch_size, steps.config.seed
+    batch_size = steps.config.batch_size
 
-    def chunk(state, sums, images_NxHxW, labels_N, permutation_N, first_index):
+    def chunk(state, sums, images_NxHxW, labels_N, permutation_N, first_index, hyper=None):
+        hyper = steps.hyper if hyper is None else hyper
+
         def one(carry, index):
             state, sums = carry
             rows_B = jax.lax.dynamic_slice_in_dim(permutation_N, index * batch_size, batch_size)
             batch = (images_NxHxW[rows_B], labels_N[rows_B])
-            state_next, out = steps.train_step(state, batch, step_key(seed, state.step))
+            rng = step_key(hyper.seed, state.step)
+            state_next, out = steps.train_step(state, batch, rng, hyper)
             added = (out["loss"], out["correct"], batch_size, state_next.step)
             return (state_next, Sums(sums.epoch.add(*added), sums.interval.add(*added))), None
 

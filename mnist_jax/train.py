@@ -61,7 +61,7 @@ def fit(config: Config, stop: StopRequest | None = None) -> int:
     """
     from mnist_jax.writers.wandb import resolve_mode
 
-    with _listening(stop) as stop:
+    with listening(stop) as stop:
         start_backend(config)
         resolve_mode(config.wandb)  # a bad $WANDB_MODE is reported before anything is written
         dataset = load_data(config)
@@ -86,7 +86,7 @@ def fit(config: Config, stop: StopRequest | None = None) -> int:
 def resume(run_dir: str | Path, flags: Mapping[str, Any], stop: StopRequest | None = None) -> int:
     """Continues an interrupted or failed run from its last checkpoint."""
     record = RunRecord.open(run_dir)
-    with _listening(stop) as stop, record.writer_lock():  # before anything is written
+    with listening(stop) as stop, record.writer_lock():  # before anything is written
         given = {k: v for k, v in flags.items() if v is not None}
         fixed = sorted(set(given) - set(RESUME_OVERRIDES))
         if fixed:
@@ -108,7 +108,7 @@ def resume(run_dir: str | Path, flags: Mapping[str, Any], stop: StopRequest | No
         return _run(config, dataset, record, saved.get("environment", {}), stop, resume=True)
 
 
-def _listening(stop: StopRequest | None) -> contextlib.AbstractContextManager[StopRequest]:
+def listening(stop: StopRequest | None) -> contextlib.AbstractContextManager[StopRequest]:
     return contextlib.nullcontext(stop) if stop is not None else stop_on_signals()
 
 
@@ -148,9 +148,12 @@ def announce_backend(config: Config) -> None:
         warnings.warn(f"JAX is running on the CPU, but {hint}", stacklevel=2)
 
 
-def require_disk_space(config: Config, dataset: data_lib.Dataset, directory: str | Path) -> None:
-    """A disk too small for the run's checkpoints is found now, not at the first epoch end."""
-    nbytes = COPIES_AT_ONCE * checkpoint_bytes(config, dataset.spec)
+def require_disk_space(
+    config: Config, dataset: data_lib.Dataset, directory: str | Path, runs: int = 1
+) -> None:
+    """A disk too small for the checkpoints of the run (or of `runs` runs of the config's
+    shape) is found now, not at the first epoch end."""
+    nbytes = runs * COPIES_AT_ONCE * checkpoint_bytes(config, dataset.spec)
     try:
         require_space(Path(directory), nbytes, "checkpoints")
     except OSError as e:
@@ -210,46 +213,37 @@ def _run(
     resume: bool,
 ) -> int:
     """The phases of a run whose record exists and whose writer lock is held."""
-    writer, loop = MultiWriter([]), None
+    loop = None
     try:
         with parallel.count_compilations() as compiled:  # programs XLA really compiled
             clock = Clock()  # the run's time includes compiling
             loop = Loop(config, dataset, record, Trainer(config, dataset), clock=clock)
-            if resume:
-                loop.restore()
-            writer = loop.writer = open_writers(config, record, environment, loop.progress)
-            record.update_summary(status="running", message=None, **writer.info)
+            loop.open(environment, resume=resume)
             status, message = loop.train(stop)
-            if status == "completed":
-                write_final_record(loop)
-        totals = loop.clock.totals(
-            loop.trainer.step, config.batch_size, loop.trainer.compile_seconds
-        )
-        totals[metrics.COMPILED_PROGRAMS] = compiled["programs"]
-        totals[metrics.COMPILE_CACHE_HITS] = compiled["cache_hits"]
-        record.update_summary(status=status, message=message, **totals)
+            return loop.finish(status, message, compiled)
     except BaseException as e:
-        # Not a planned stop: the record says so (where the disk still lets it) before the
-        # error goes on up. A disk that refuses to write is the user's to fix: one line.
-        problem = storage_problem(e)
-        message = f"{type(e).__name__}: {e}"
-        if problem is not None:
-            message = (
-                f"cannot write the run record in {record.dir}: {problem}; free some space, "
-                f"then continue the run with `mnist-jax train --resume {record.dir}`"
-            )
-        with contextlib.suppress(OSError):
-            record.update_summary(status="failed", message=message)
-        writer.close("failed", record.summary)
-        if problem is not None:
-            raise UserError(message, exit_code=EXIT_FAILED) from None
+        abort(record, loop.writer if loop is not None else MultiWriter([]), e)
         raise
     finally:
         if loop is not None:
             loop.checkpoints.close()
-    writer.close(status, record.summary)
-    print(f"{status}: {record.dir}", flush=True)
-    return {"completed": EXIT_OK, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_FAILED)
+
+
+def abort(record: RunRecord, writer: Writer, error: BaseException) -> None:
+    """Not a planned stop: the record says so (where the disk still lets it) before the error
+    goes on up. A disk that refuses to write is the user's to fix: one line (a `UserError`)."""
+    problem = storage_problem(error)
+    message = f"{type(error).__name__}: {error}"
+    if problem is not None:
+        message = (
+            f"cannot write the run record in {record.dir}: {problem}; free some space, "
+            f"then continue the run with `mnist-jax train --resume {record.dir}`"
+        )
+    with contextlib.suppress(OSError):
+        record.update_summary(status="failed", message=message)
+    writer.close("failed", record.summary)
+    if problem is not None:
+        raise UserError(message, exit_code=EXIT_FAILED) from None
 
 
 def open_writers(
@@ -278,6 +272,7 @@ class Clock:
     started: float = dataclasses.field(default_factory=time.perf_counter)
     mark_time: float = 0.0
     mark_step: int = 0
+    lap_start: float | None = None
 
     def elapsed(self) -> float:
         return self.seconds_before + time.perf_counter() - self.started
@@ -285,6 +280,16 @@ class Clock:
     def mark(self, step: int) -> None:
         """Rates are measured from here: steps run in this process since the mark."""
         self.mark_time, self.mark_step = time.perf_counter(), step
+
+    def go(self, step: int) -> None:
+        """Training (re)starts at `step`: time counts as training time until `pause`."""
+        self.lap_start = time.perf_counter()
+        self.mark(step)
+
+    def pause(self) -> None:
+        if self.lap_start is not None:
+            self.train_seconds += time.perf_counter() - self.lap_start
+            self.lap_start = None
 
     def examples_per_sec(self, step: int, batch_size: int) -> float:
         seconds = time.perf_counter() - self.mark_time
@@ -317,11 +322,20 @@ class Loop:
     clock: Clock = dataclasses.field(default_factory=Clock)
     last_eval: Any = None
 
+    progress: Progress | None = None
+
     def __post_init__(self) -> None:
         self.checkpoints = Checkpoints(self.record.checkpoints_dir)
-        self.progress = Progress(self.trainer.total_steps, self.trainer.steps_per_epoch)
+        if self.progress is None:
+            self.progress = Progress(self.trainer.total_steps, self.trainer.steps_per_epoch)
 
-    # Phase: restore.
+    # Phase: open: restore the checkpoint of a resumed run, open the writers.
+    def open(self, environment: Mapping[str, Any], *, resume: bool) -> None:
+        if resume:
+            self.restore()
+        self.writer = open_writers(self.config, self.record, environment, self.progress)
+        self.record.update_summary(status="running", message=None, **self.writer.info)
+
     def restore(self) -> None:
         step = self.checkpoints.latest_step("last")
         if step is None:
@@ -336,43 +350,64 @@ class Loop:
         self.record.truncate_events(self.trainer.step)
         print(f"resuming {self.record.dir} at step {self.trainer.step}", flush=True)
 
-    # Phase: train epoch by epoch; returns (status, message).
+    # Phase: train to the end; returns (status, message).
     def train(self, stop: Callable[[], bool]) -> tuple[str, str | None]:
         trainer = self.trainer
         with self.progress:
-            self.progress.start_at(trainer.step)
+            self.begin()
             try:
                 while trainer.step < trainer.total_steps:
                     if stop():
                         raise Stop.interrupted(trainer.step)
-                    self.train_epoch(stop)
-                    self.end_epoch()
+                    before = trainer.step
+                    trainer.run(trainer.steps_per_call)
+                    self.after_steps(before)
             except Stop as e:
-                if e.status == "interrupted":
-                    self.save("last")
-                self.writer.message(f"{e.status}: {e}")
-                return e.status, str(e)
+                return self.stopped(e)
+            finally:
+                self.clock.pause()
         return "completed", None
 
-    # Phase: one epoch of training (or what is left of it).
-    def train_epoch(self, stop: Callable[[], bool]) -> None:
-        trainer, log_every = self.trainer, self.config.log_every
-        t0 = time.perf_counter()
-        self.clock.mark(trainer.step)
-        try:
-            while True:
-                before = trainer.step
-                step = trainer.run(trainer.steps_per_call)
-                self.progress.advance(step)
-                at_epoch_end = step % trainer.steps_per_epoch == 0
-                if step // log_every != before // log_every or at_epoch_end:
-                    self.log_train()
-                if at_epoch_end:
-                    return
-                if stop():
-                    raise Stop.interrupted(step)
-        finally:
-            self.clock.train_seconds += time.perf_counter() - t0
+    def begin(self) -> None:
+        self.progress.start_at(self.trainer.step)
+        self.clock.go(self.trainer.step)
+
+    def after_steps(self, before: int) -> None:
+        """What follows the trainer's advance from step `before`: the progress display, a train
+        event at each log interval, and the epoch's end (evaluate, log, checkpoint) when it
+        came. Raises `Stop` when the loss turned non-finite."""
+        step = self.trainer.step
+        self.progress.advance(step)
+        at_epoch_end = step % self.trainer.steps_per_epoch == 0
+        if step // self.config.log_every != before // self.config.log_every or at_epoch_end:
+            self.log_train()
+        if at_epoch_end:
+            self.clock.pause()  # evaluation and checkpoints are not training time
+            self.end_epoch()
+            self.clock.go(step)
+
+    def stopped(self, stop: Stop) -> tuple[str, str]:
+        """An early end: an interrupted run is checkpointed where it stands."""
+        self.clock.pause()
+        if stop.status == "interrupted":
+            self.save("last")
+        self.writer.message(f"{stop.status}: {stop}")
+        return stop.status, str(stop)
+
+    # Phase: the end: the final record of a completed run, the summary, the writers closed.
+    def finish(self, status: str, message: str | None, compiled: Mapping[str, int]) -> int:
+        """Returns the process exit code for `status`."""
+        if status == "completed":
+            write_final_record(self)
+        trainer = self.trainer
+        totals = self.clock.totals(trainer.step, self.config.batch_size, trainer.compile_seconds)
+        totals[metrics.COMPILED_PROGRAMS] = compiled["programs"]
+        totals[metrics.COMPILE_CACHE_HITS] = compiled["cache_hits"]
+        self.record.update_summary(status=status, message=message, **totals)
+        self.checkpoints.close()
+        self.writer.close(status, self.record.summary)
+        print(f"{status}: {self.record.dir}", flush=True)
+        return {"completed": EXIT_OK, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_FAILED)
 
     def log_train(self) -> None:
         """A train event over the steps since the last one; catches a non-finite loss."""

@@ -3,16 +3,20 @@
 It knows nothing of files, logging or signals: `run(n)` advances training by n steps,
 `take_interval()` / `take_epoch()` hand over the training sums kept on the device, and
 `evaluate()` runs the whole test split with every metric. Model initialisation, each train chunk
-size and evaluation are each compiled once, ahead of time, through `mnist_jax.parallel`.
+size and evaluation are each compiled once, ahead of time, through `mnist_jax.parallel`; the
+hyperparameters' values are arguments of those programs, so a trainer can reuse another's, and
+several trials can train as one program mapped over a trial axis.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mnist_jax import checkpoint, parallel, steps
@@ -35,11 +39,36 @@ def checkpoint_bytes(config: Config, spec: Any) -> int:
     return checkpoint.payload_bytes(abstract)
 
 
-class Trainer:
-    """One run's training on the device: state + placed data + compiled calls."""
+class Programs(NamedTuple):
+    """A trainer's compiled programs. They depend on the config's structure and the data's
+    shapes, not on `Hyper`'s values: trainers of configs with the same `steps.structure` (a
+    sweep's trials, run one after another) share them."""
 
-    def __init__(self, config: Config, dataset: Any) -> None:
+    init: Any  # (seed) -> state
+    permutation: Any  # (seed, epoch) -> the epoch's order
+    learning_rate: Any  # (step, lr) -> rate
+    chunks: dict[int, Any]  # steps per call -> (state, sums, data, order, index, hyper, active)
+    evaluate: Any  # (state, test) -> Evaluation
+
+
+class Trainer:
+    """Training on the device: state + placed data + compiled calls.
+
+    One run's, or, with `trials`, several runs' at once: configs of one structure whose values
+    (`steps.Hyper`) differ, trained as one program mapped over a leading trial axis of the
+    state, the sums and the values. Everything the trainer hands back then has that axis too.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        dataset: Any,
+        *,
+        trials: Sequence[Config] | None = None,
+        programs: Programs | None = None,
+    ) -> None:
         self.config = config
+        self.trials = None if trials is None else len(trials)
         self.num_train = len(dataset.train.labels)
         self.steps_per_epoch = self.num_train // config.batch_size
         self.total_steps = self.steps_per_epoch * config.epochs
@@ -53,29 +82,68 @@ class Trainer:
         )
         test = steps.eval_data(dataset.test.images, dataset.test.labels, config.eval_batch_size)
         self.test = steps.EvalData(*parallel.place(tuple(test[:3])), test.num_examples)
-        # The seed is an argument, not a constant: one program serves every seed, so a seed
-        # sweep with a warm compilation cache compiles nothing.
-        seed = np.uint32(config.seed)
-        self.state = parallel.compile(self.steps.init, seed)(seed)
-        self.sums = parallel.place(steps.Sums.zeros())
+        # The values are arguments, not constants: one program serves every seed and rate, so a
+        # sweep (or a second run with a warm compilation cache) compiles nothing more.
+        hyper = steps.Hyper.of(config) if trials is None else steps.Hyper.stack(trials)
+        self.hyper = parallel.place(hyper)
+        self.active = parallel.place(self._stacked(np.bool_(True)))
+        self.programs = programs or self._compile(test.num_examples)
+        self.state = self.programs.init(self.hyper.seed)
+        self.sums = parallel.place(self._stacked(steps.Sums.zeros()))
+        self._permutation = (0, self.programs.permutation(self.hyper.seed, np.int32(0)))
+        self.compile_seconds = time.perf_counter() - t0
 
+    def _stacked(self, tree: Any) -> Any:
+        """`tree` (host arrays) as it is for one trial, or repeated along the trial axis."""
+        if self.trials is None:
+            return tree
+        return jax.tree.map(lambda x: np.repeat(np.asarray(x)[None], self.trials, 0), tree)
+
+    def _mapped(self, fn: Any, in_axes: tuple[int | None, ...]) -> Any:
+        """`fn`, mapped over the trial axis of the arguments `in_axes` marks, with trials."""
+        if self.trials is None:
+            return fn
+        mapped = jax.vmap(fn, in_axes=in_axes)
+        mapped.__name__ = fn.__name__
+        return mapped
+
+    def _compile(self, num_test: int) -> Programs:
         def permutation(seed: jax.Array, epoch: jax.Array) -> jax.Array:
             return steps.epoch_permutation(seed, epoch, self.num_train)
 
-        self._permute = functools.partial(parallel.compile(permutation, seed, np.int32(0)), seed)
-        self._learning_rate = parallel.compile(self.steps.schedule, np.int32(0))
-        self._permutation = (0, self._permute(np.int32(0)))
-        example = (self.state, self.sums, self.train_images, self.train_labels)
-        example += (self._permutation[1], np.int32(0))
-        sizes = {self.steps_per_call, 1}
-        self._chunks = {
-            k: parallel.compile(steps.train_chunk(self.steps, k), *example, donate=(0, 1))
-            for k in sizes
-        }
-        self._evaluate = parallel.compile(
-            steps.evaluate(self.steps, test.num_examples), self.state, self.test
+        def chunk(k: int) -> Any:
+            run = self._mapped(steps.train_chunk(self.steps, k), (0, 0, None, None, 0, None, 0))
+
+            def train_chunk(state, sums, images, labels, order, index, hyper, active):
+                new = run(state, sums, images, labels, order, index, hyper)
+                if self.trials is None:  # a single run stops as a whole instead
+                    return new
+                # A trial no longer active (its loss turned non-finite) keeps its state.
+                return jax.tree.map(functools.partial(_where, active), new, (state, sums))
+
+            train_chunk.__name__ = f"train_chunk_{k}"
+            return train_chunk
+
+        init = self._mapped(self.steps.init, (0,))
+        permute = self._mapped(permutation, (0, None))
+        rate = self._mapped(self.steps.schedule, (None, 0))
+        evaluate = self._mapped(steps.evaluate(self.steps, num_test), (0, None))
+        seed, epoch, index = self.hyper.seed, np.int32(0), np.int32(0)
+        state = jax.eval_shape(init, seed)
+        order = jax.eval_shape(permute, seed, epoch)
+        sums = self._stacked(steps.Sums.zeros())
+        example = (state, sums, self.train_images, self.train_labels, order, index)
+        example += (self.hyper, self.active)
+        return Programs(
+            init=parallel.compile(init, seed),
+            permutation=parallel.compile(permute, seed, epoch),
+            learning_rate=parallel.compile(rate, np.int32(0), self.hyper.lr),
+            chunks={
+                k: parallel.compile(chunk(k), *example, donate=(0, 1))
+                for k in {self.steps_per_call, 1}
+            },
+            evaluate=parallel.compile(evaluate, state, self.test),
         )
-        self.compile_seconds = time.perf_counter() - t0
 
     @property
     def epoch(self) -> int:
@@ -96,8 +164,15 @@ class Trainer:
         while num_steps > 0:
             size = self.steps_per_call if num_steps >= self.steps_per_call else 1
             index = np.int32(self.step % self.steps_per_epoch)
-            self.state, self.sums = self._chunks[size](
-                self.state, self.sums, self.train_images, self.train_labels, permutation, index
+            self.state, self.sums = self.programs.chunks[size](
+                self.state,
+                self.sums,
+                self.train_images,
+                self.train_labels,
+                permutation,
+                index,
+                self.hyper,
+                self.active,
             )
             self.step += size
             num_steps -= size
@@ -106,21 +181,30 @@ class Trainer:
     def take_interval(self) -> steps.TrainSums:
         """The sums since the last call (on the host), and a fresh start for the next interval."""
         interval = parallel.fetch(self.sums.interval)
-        self.sums = self.sums._replace(interval=parallel.place(steps.TrainSums.zeros()))
+        zeros = parallel.place(self._stacked(steps.TrainSums.zeros()))
+        self.sums = self.sums._replace(interval=zeros)
         return interval
 
     def take_epoch(self) -> steps.TrainSums:
         """The sums of the epoch just ended (on the host); the next epoch starts from zero."""
         epoch = parallel.fetch(self.sums.epoch)
-        self.sums = parallel.place(steps.Sums.zeros())
+        self.sums = parallel.place(self._stacked(steps.Sums.zeros()))
         return epoch
 
     def evaluate(self) -> steps.Evaluation:
         """The whole test split with every metric, in one compiled call (results on device)."""
-        return self._evaluate(self.state, self.test)
+        return self.programs.evaluate(self.state, self.test)
 
-    def learning_rate(self) -> float:
-        return float(self._learning_rate(np.int32(self.step)))
+    def learning_rate(self) -> Any:
+        """The learning rate of the next step: a float, or one per trial."""
+        rate = parallel.fetch(self.programs.learning_rate(np.int32(self.step), self.hyper.lr))
+        return float(rate) if self.trials is None else rate
+
+    def deactivate(self, trial: int) -> None:
+        """Trial `trial` stops updating; the others carry on."""
+        active = np.array(parallel.fetch(self.active))
+        active[trial] = False
+        self.active = parallel.place(active)
 
     def payload(self) -> dict[str, Any]:
         """What a checkpoint holds: the state and the running sums."""
@@ -133,5 +217,12 @@ class Trainer:
 
     def _epoch_permutation(self) -> Any:
         if self._permutation[0] != self.epoch:
-            self._permutation = (self.epoch, self._permute(np.int32(self.epoch)))
+            order = self.programs.permutation(self.hyper.seed, np.int32(self.epoch))
+            self._permutation = (self.epoch, order)
         return self._permutation[1]
+
+
+def _where(active_K: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+    """`new` for the active trials, `old` for the others (arrays with a leading trial axis)."""
+    active = active_K.reshape(active_K.shape + (1,) * (new.ndim - 1))
+    return jnp.where(active, new, old)

@@ -55,7 +55,12 @@ class CNN(nnx.Module):
         self.classifier = nnx.Linear(config.dense_features, spec.num_classes, rngs=rngs)
 
     def __call__(
-        self, images_BxHxWxC: jax.Array, *, train: bool, dropout_key: jax.Array | None = None
+        self,
+        images_BxHxWxC: jax.Array,
+        *,
+        train: bool,
+        dropout_key: jax.Array | None = None,
+        dropout_rate: Any = None,
     ) -> jax.Array:
         x = images_BxHxWxC
         for conv, norm in zip(self.convs, self.norms, strict=True):
@@ -70,8 +75,10 @@ class CNN(nnx.Module):
         if train and self.dropout > 0:
             if dropout_key is None:
                 raise ValueError("training with dropout needs a dropout_key")
-            keep = jax.random.bernoulli(dropout_key, 1.0 - self.dropout, x.shape)
-            x = jnp.where(keep, x / (1.0 - self.dropout), 0.0)
+            # The rate may be a traced value (one program for trials that differ only in it).
+            rate = self.dropout if dropout_rate is None else dropout_rate
+            keep = jax.random.bernoulli(dropout_key, 1.0 - rate, x.shape)
+            x = jnp.where(keep, x / (1.0 - rate), 0.0)
         return self.classifier(x)
 
     def _pool(self, x: jax.Array) -> jax.Array:
