@@ -52,7 +52,10 @@ class Trainer:
             (dataset.train.images, np.asarray(dataset.train.labels, np.int32))
         )
         test = steps.eval_data(dataset.test.images, dataset.test.labels, config.eval_batch_size)
-        self.test = steps.EvalData(*parallel.place(tuple(test[:3])), test.num_examples)
+        # Eval batches split over the devices; the training set replicated, since every batch
+        # is gathered from all of it by a permutation.
+        test_arrays = parallel.place_batches(tuple(test[:3]), axis=1)
+        self.test = steps.EvalData(*test_arrays, test.num_examples)
         # The seed is an argument, not a constant: one program serves every seed, so a seed
         # sweep with a warm compilation cache compiles nothing.
         seed = np.uint32(config.seed)
@@ -69,7 +72,9 @@ class Trainer:
         example += (self._permutation[1], np.int32(0))
         sizes = {self.steps_per_call, 1}
         self._chunks = {
-            k: parallel.compile(steps.train_chunk(self.steps, k), *example, donate=(0, 1))
+            k: parallel.compile(
+                steps.train_chunk(self.steps, k, parallel.shard_batch), *example, donate=(0, 1)
+            )
             for k in sizes
         }
         self._evaluate = parallel.compile(
