@@ -51,7 +51,9 @@ def train(args: list[str], out: Path) -> subprocess.Popen:
     )
 
 
-def train_distributed(tmp_path: Path, args: list[str], processes: int = 2) -> list[subprocess.Popen]:
+def train_distributed(
+    tmp_path: Path, args: list[str], processes: int = 2
+) -> list[subprocess.Popen]:
     port = free_port()
     common = ["--distributed", "--coordinator", f"127.0.0.1:{port}"]
     common += ["--num-processes", str(processes), "--runs-dir", str(tmp_path / "runs"), *args]
@@ -200,9 +202,7 @@ def test_a_killed_process_stops_the_other_within_a_minute(tmp_path):
     try:
         deadline = time.monotonic() + TIMEOUT
         while "epoch 1:" not in text(tmp_path, "p0.out"):  # training is under way
-            assert time.monotonic() < deadline and procs[0].poll() is None, text(
-                tmp_path, "p0.err"
-            )
+            assert time.monotonic() < deadline and procs[0].poll() is None, text(tmp_path, "p0.err")
             time.sleep(0.5)
         procs[1].kill()
         killed = time.monotonic()
