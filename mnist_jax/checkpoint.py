@@ -1,5 +1,8 @@
 """Orbax checkpoints of the train state: `checkpoints/last` and `checkpoints/best`.
 
+In a multi-process run every process calls the same saves and restores (Orbax synchronises
+them, and process 0 writes the replicated state), on a directory they all see.
+
 Each kind keeps one step directory. Orbax writes a new step into a temporary directory and
 renames it when complete, then removes the older step, so a crash while saving leaves the
 previous checkpoint intact.
@@ -46,10 +49,10 @@ def require_space(directory: Path, nbytes: int, what: str) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_absl() -> Iterator[None]:
+def _quiet_absl(quietest: int = logging.ERROR) -> Iterator[None]:
     logger = logging.getLogger("absl")
     level = logger.level
-    logger.setLevel(logging.ERROR)
+    logger.setLevel(quietest)
     try:
         yield
     finally:
@@ -109,15 +112,21 @@ class Checkpoints:
         manager = self._managers[kind]
         require_space(self.directory, payload_bytes(payload), f"the {kind} checkpoint")
         try:
-            manager.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(_to_tree(payload)), meta=ocp.args.JsonSave(meta)
-                ),
-                force=True,
-            )
-            manager.wait_until_finished()
+            # A failed save raises here; Orbax's own log of it (a traceback from a worker
+            # thread, e.g. when another process of a distributed run is lost) is noise.
+            with _quiet_absl(logging.CRITICAL):
+                manager.save(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(_to_tree(payload)),
+                        meta=ocp.args.JsonSave(meta),
+                    ),
+                    force=True,
+                )
+                manager.wait_until_finished()
         except BaseException:
+            if jax.process_index() != 0:  # process 0 writes (and cleans up) for all
+                raise
             for partial in (self.directory / kind).glob(f"{step}.orbax-checkpoint-tmp*"):
                 shutil.rmtree(partial, ignore_errors=True)
             raise

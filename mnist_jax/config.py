@@ -31,6 +31,9 @@ PADDINGS = ("same", "valid")
 WANDB_MODES = ("online", "offline", "disabled")
 MAX_CONV_BLOCKS = 4  # 28 -> 14 -> 7 -> 3 -> 1 pixels
 MAX_KERNEL = 28  # no larger than the image
+# Where this process computes, not what is trained: every start (and every process) gives its
+# own, and a resumed run does not inherit them from the saved config.
+PLACEMENT_FIELDS = ("devices", "distributed", "coordinator", "num_processes", "process_id")
 
 
 def option(
@@ -120,6 +123,23 @@ class Config:
     deterministic: bool = option(
         False,
         "Same seed, same bits on every backend (XLA's deterministic GPU ops; slower on GPU).",
+    )
+    devices: int = option(
+        0, "Devices of each process to train on (0: all local devices); each takes a share."
+    )
+    distributed: bool = option(
+        False,
+        "Train with several processes (hosts) as one run: jax.distributed, auto-detected on "
+        "TPU pods and SLURM, else --coordinator, --num-processes and --process-id.",
+    )
+    coordinator: str | None = option(
+        None, "With --distributed: HOST:PORT of process 0 (default: $MNIST_JAX_COORDINATOR)."
+    )
+    num_processes: int = option(
+        0, "With --distributed: the number of processes (0: $MNIST_JAX_NUM_PROCESSES)."
+    )
+    process_id: int = option(
+        -1, "With --distributed: this process's index, 0 first (-1: $MNIST_JAX_PROCESS_ID)."
     )
     # record keeping
     runs_dir: str = option("runs", "Directory that holds one sub-directory per run.", path=True)
@@ -270,8 +290,34 @@ def _validate(c: Config) -> None:
         raise bad(f"weight_decay must be >= 0, got {c.weight_decay}")
     if c.grad_clip < 0 or not math.isfinite(c.grad_clip):
         raise bad(f"grad_clip must be >= 0 (0 turns it off), got {c.grad_clip}")
+    _validate_placement(c)
     if c.name is not None and (not c.name or "/" in c.name or c.name in (".", "..")):
         raise bad(f"name must be a plain directory name, got {c.name!r}")
+
+
+def _validate_placement(c: Config) -> None:
+    if c.devices < 0:
+        raise UserError(f"devices must be 0 (all) or positive, got {c.devices}")
+    if c.num_processes < 0:
+        raise UserError(f"num_processes must be 0 (auto) or positive, got {c.num_processes}")
+    if c.process_id < -1:
+        raise UserError(f"process_id must be -1 (auto) or >= 0, got {c.process_id}")
+    if c.num_processes and c.process_id >= c.num_processes:
+        raise UserError(
+            f"process_id {c.process_id} is not below num_processes {c.num_processes}; "
+            "processes are numbered from 0"
+        )
+    given = [
+        f"--{n.replace('_', '-')}"
+        for n in ("coordinator", "num_processes", "process_id")
+        if getattr(c, n) != _FIELDS[n].default
+    ]
+    if given and not c.distributed:
+        raise UserError(f"{', '.join(given)} only apply to a multi-process run: add --distributed")
+    if c.coordinator is not None:
+        host, _, port = c.coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise UserError(f"coordinator must be HOST:PORT, got {c.coordinator!r}")
 
 
 def _jsonable(value: Any) -> Any:

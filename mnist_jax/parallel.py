@@ -3,22 +3,36 @@
 Everything the toolkit runs on an accelerator goes through here: `place` puts arrays on the
 device once, `compile` turns a pure function into one ahead-of-time compiled program (so compile
 time is measured on its own, and a shape change can never recompile silently), and `jit` is for
-the few calls whose shapes vary (predicting a handful of files). Data-parallel training replaces
-the bodies of these functions with a mesh and shardings; callers stay as they are.
+the few calls whose shapes vary (predicting a handful of files).
+
+Data parallelism is JAX's own: `use_devices` chooses a `Mesh` over the devices in use (every
+local device of every process by default) with one axis, `batch`. From then on `place`
+replicates (parameters, optimizer state, the training set, sums), `place_batches` shards a batch
+axis, `compile` builds programs with explicit in/out shardings (outputs replicated, so every
+process can read every result), and `shard_batch` constrains a batch gathered inside a program
+to the batch axis: each device computes its part of every global batch and XLA all-reduces the
+gradients and the sums. Until `use_devices` is called everything runs on the default device.
+
+Several hosts: `initialize_distributed` starts `jax.distributed` before any backend, one
+process per host (or per device); every process runs the same program on its own devices.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mnist_jax.data.locations import cache_root
-from mnist_jax.errors import UserError
+from mnist_jax.errors import UserError, first_line
 
 COMPILATION_CACHE_ENV = "MNIST_JAX_COMPILATION_CACHE"
 # XLA's switches for bit-identical GPU results: deterministic reductions and scatters, and no
@@ -26,16 +40,200 @@ COMPILATION_CACHE_ENV = "MNIST_JAX_COMPILATION_CACHE"
 DETERMINISTIC_GPU_FLAGS = ("--xla_gpu_deterministic_ops=true", "--xla_gpu_autotune_level=0")
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+BATCH_AXIS = "batch"
+# Environment fallbacks of the multi-host flags (JAX's own JAX_COORDINATOR_ADDRESS works too).
+COORDINATOR_ENV = "MNIST_JAX_COORDINATOR"
+NUM_PROCESSES_ENV = "MNIST_JAX_NUM_PROCESSES"
+PROCESS_ID_ENV = "MNIST_JAX_PROCESS_ID"
+# A process that stops sending heartbeats this long is dead to the others, which then stop too
+# (JAX's default, 100 s, leaves a run standing still for minutes); connecting may take longer,
+# since processes on several hosts rarely start at the same moment.
+HEARTBEAT_SECONDS = 30
+CONNECT_SECONDS = 300
+# What JAX and its collectives say when another process of the run has gone.
+_PEER_LOST_SIGNS = (
+    "gloo",
+    "connection closed by peer",
+    "connection reset by peer",
+    "heartbeat",
+    "coordination service",
+    "barrier",
+    "unavailable",
+)
+_TEXT_BYTES = 2048
+_HOST_SCALARS = (np.ndarray, np.generic, int, float)
+_mesh: Mesh | None = None
+_exit_code_on_peer_loss: int | None = None
 
 
 def describe_devices() -> dict[str, Any]:
-    """The backend and devices this process computes on, for the run record."""
-    devices = jax.devices()
+    """The backend and devices the run computes on, for the run record: `device_count` is
+    the global count (every process's devices in the mesh), `process_count` the processes."""
+    devices = devices_in_use()
     return {
         "backend": jax.default_backend(),
         "device_kind": devices[0].device_kind,
         "device_count": len(devices),
+        "process_count": jax.process_count(),
     }
+
+
+def devices_in_use() -> list[jax.Device]:
+    """The mesh's devices once `use_devices` chose them; before, this process's default."""
+    return list(_mesh.devices.flat) if _mesh is not None else jax.devices()[:1]
+
+
+def initialize_distributed(
+    coordinator: str | None = None, num_processes: int = 0, process_id: int = -1
+) -> None:
+    """Joins this process to a multi-process run (`jax.distributed.initialize`).
+
+    Must run before anything touches a device. Unset values come from $MNIST_JAX_COORDINATOR,
+    $MNIST_JAX_NUM_PROCESSES, $MNIST_JAX_PROCESS_ID, then from JAX's own detection (TPU pods,
+    SLURM, Open MPI, JAX_COORDINATOR_ADDRESS). On the CPU the processes' collectives go through
+    gloo over TCP.
+    """
+    if jax.distributed.is_initialized():
+        return
+    if _backends_started():
+        raise UserError(
+            "--distributed must start before JAX computes anything: run it from a fresh process"
+        )
+    coordinator = coordinator or os.environ.get(COORDINATOR_ENV) or None
+    count = num_processes or _env_int(NUM_PROCESSES_ENV, 0)
+    index = process_id if process_id >= 0 else _env_int(PROCESS_ID_ENV, -1)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator,
+            num_processes=count or None,
+            process_id=index if index >= 0 else None,
+            initialization_timeout=CONNECT_SECONDS,
+            heartbeat_timeout_seconds=HEARTBEAT_SECONDS,
+        )
+    except (ValueError, TypeError, RuntimeError) as e:
+        where = f"coordinator {coordinator}" if coordinator else "no coordinator"
+        raise UserError(
+            f"cannot start the distributed run ({where}, {count or '?'} processes, process id "
+            f"{index if index >= 0 else '?'}): {first_line(e)}; outside TPU pods and SLURM pass "
+            "--coordinator HOST:PORT --num-processes N --process-id I (or set "
+            f"${COORDINATOR_ENV}, ${NUM_PROCESSES_ENV}, ${PROCESS_ID_ENV})",
+            exit_code=1,
+        ) from None
+    atexit.register(_skip_shutdown_after_peer_loss)  # runs before JAX's own exit handler
+
+
+def process_index() -> int:
+    return jax.process_index()
+
+
+def is_main_process() -> bool:
+    """Whether this process writes what the run writes once (the record, W&B)."""
+    return jax.process_index() == 0
+
+
+def broadcast_text(text: str) -> str:
+    """Process 0's `text`, in every process (a run name, an error): what all must agree on."""
+    if jax.process_count() == 1:
+        return text
+    from jax.experimental import multihost_utils
+
+    data = np.zeros(_TEXT_BYTES, np.uint8)
+    encoded = text.encode()[:_TEXT_BYTES]
+    data[: len(encoded)] = np.frombuffer(encoded, np.uint8)
+    agreed = np.asarray(multihost_utils.broadcast_one_to_all(data))
+    return bytes(agreed).rstrip(b"\0").decode(errors="replace")
+
+
+def share_outcome(error: UserError | None) -> None:
+    """After a step only process 0 takes (creating the run record): its error, if any, is
+    raised in every process, so that none goes on to wait for the others; an error of another
+    process is raised there."""
+    message = broadcast_text("" if error is None else str(error))
+    if message and not is_main_process():
+        raise UserError(f"process 0 stopped: {message}")
+    if error is not None:
+        raise error
+
+
+def use_devices(count: int = 0) -> Mesh:
+    """Computes from now on over a mesh of `count` devices of each process (0: all of them).
+
+    Every process takes its first `count` local devices, so the mesh holds
+    `count * process_count` devices in all, in process order.
+    """
+    global _mesh
+    local = jax.local_devices()
+    if count > len(local):
+        raise UserError(
+            f"--devices {count} asks for more devices than this process has ({len(local)} x "
+            f"{local[0].device_kind}); choose at most {len(local)}, or 0 for all"
+        )
+    chosen = set(local[: count or len(local)])
+    if jax.process_count() > 1:  # the same share of every process's devices
+        per_process = len(chosen)
+        chosen = {
+            d
+            for p in range(jax.process_count())
+            for d in [x for x in jax.devices() if x.process_index == p][:per_process]
+        }
+    devices = [d for d in jax.devices() if d in chosen]
+    _mesh = Mesh(np.array(devices), (BATCH_AXIS,))
+    return _mesh
+
+
+def require_divisible(batch_size: int, flag: str = "--batch-size") -> None:
+    """A global batch must split evenly over the devices; the error names sizes that would."""
+    n = len(devices_in_use())
+    if batch_size % n == 0:
+        return
+    below, above = (batch_size // n) * n, (batch_size // n + 1) * n
+    sizes = " or ".join(str(s) for s in (below, above) if s > 0)
+    raise UserError(
+        f"{flag} {batch_size} does not divide among {n} devices: each device takes an equal "
+        f"share of every batch; use a multiple of {n}, e.g. {sizes}"
+    )
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """When `error` says another process of a distributed run has gone (killed, crashed, its
+    host lost), one line saying so; None for any other error. A process that gets one should
+    stop: `exit_after_peer_loss` makes its exit quick and quiet."""
+    if not jax.distributed.is_initialized() or isinstance(error, (KeyboardInterrupt, UserError)):
+        return None
+    text = str(error).lower()
+    if not any(sign in text for sign in _PEER_LOST_SIGNS):
+        return None
+    return f"another process of this distributed run stopped ({first_line(error)[:160]})"
+
+
+def exit_after_peer_loss(exit_code: int) -> None:
+    """Makes this process exit with `exit_code` without JAX's distributed shutdown, which
+    waits for the lost process at a barrier and then aborts with a page of C++ log."""
+    global _exit_code_on_peer_loss
+    _exit_code_on_peer_loss = exit_code
+
+
+def peer_lost() -> bool:
+    """Whether this process found another of its run gone (nothing collective may run now)."""
+    return _exit_code_on_peer_loss is not None
+
+
+def _skip_shutdown_after_peer_loss() -> None:
+    if _exit_code_on_peer_loss is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit_code_on_peer_loss)
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"${name} must be an integer, got {value!r}") from None
 
 
 def backend() -> str:
@@ -125,9 +323,57 @@ def count_compilations() -> Iterator[dict[str, int]]:
             jax.monitoring.unregister_event_listener(on_event)
 
 
+def replicated() -> NamedSharding | None:
+    """Every device of the mesh holds the whole array (None before `use_devices`)."""
+    return None if _mesh is None else NamedSharding(_mesh, PartitionSpec())
+
+
+def sharded(axis: int = 0) -> NamedSharding | None:
+    """Axis `axis` split over the mesh's devices (None before `use_devices`)."""
+    if _mesh is None:
+        return None
+    return NamedSharding(_mesh, PartitionSpec(*([None] * axis), BATCH_AXIS))
+
+
 def place(tree: Any) -> Any:
-    """Moves host arrays (any pytree) onto the default device, once."""
-    return jax.device_put(tree)
+    """Moves host arrays (any pytree) onto the devices once: replicated over the mesh, or onto
+    the default device before `use_devices`."""
+    return _put(tree, replicated())
+
+
+def place_batches(tree: Any, axis: int = 0) -> Any:
+    """Like `place`, with axis `axis` of every array split over the devices (each holds its
+    share of each batch); replicated where that axis does not divide evenly."""
+    if _mesh is None:
+        return place(tree)
+    n = _mesh.devices.size
+    divisible = all(np.shape(x)[axis] % n == 0 for x in jax.tree.leaves(tree))
+    return _put(tree, sharded(axis) if divisible else replicated())
+
+
+def shard_batch(tree: Any) -> Any:
+    """Inside a compiled program: the arrays of a batch split along their first axis over the
+    devices, so each computes its share and XLA sums across devices where the batch is reduced.
+    """
+    if _mesh is None or _mesh.devices.size == 1:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, sharded(0))
+
+
+def _put(tree: Any, sharding: NamedSharding | None) -> Any:
+    if sharding is None:
+        return jax.device_put(tree)
+
+    def put(x: Any) -> jax.Array:
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        if isinstance(x, jax.Array) and x.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        # Each process holds the whole host array and gives each of its devices its part.
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
 
 
 def fetch(tree: Any) -> Any:
@@ -141,9 +387,36 @@ def compile(  # noqa: A001 - the verb is the point
     """`fn` compiled now for the shapes (and placements) of `example_args`.
 
     `donate` names arguments whose buffers the result may reuse (the train state): the caller
-    must not touch them after the call.
+    must not touch them after the call. Over a mesh the program takes each argument as it is
+    placed (host values are replicated) and replicates every result: a value every process
+    can read, which is what training keeps (state, sums) and reports (evaluations).
     """
-    return jax.jit(fn, donate_argnums=tuple(donate)).lower(*example_args).compile()
+    if _mesh is None:
+        return jax.jit(fn, donate_argnums=tuple(donate)).lower(*example_args).compile()
+    in_shardings = jax.tree.map(_sharding_of, example_args)
+    compiled = (
+        jax.jit(
+            fn,
+            in_shardings=in_shardings,
+            out_shardings=replicated(),
+            donate_argnums=tuple(donate),
+        )
+        .lower(*example_args)
+        .compile()
+    )
+
+    def call(*args: Any) -> Any:
+        # Host scalars (an epoch, a step index) become replicated arrays: every process passes
+        # the same value, and a multi-process program accepts only global arrays.
+        return compiled(*(place(a) if isinstance(a, _HOST_SCALARS) else a for a in args))
+
+    return call
+
+
+def _sharding_of(x: Any) -> NamedSharding:
+    if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding):
+        return x.sharding
+    return replicated()
 
 
 def jit(fn: Callable[..., Any]) -> Callable[..., Any]:

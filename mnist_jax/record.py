@@ -226,6 +226,29 @@ class RunRecord:
         write_json_atomic(self.summary_path, self.summary)
 
 
+class FollowerRecord(RunRecord):
+    """The run record as every process but the first of a multi-process run sees it: the same
+    directory and what it holds, but nothing written (process 0 writes the one record, and
+    holds its writer lock)."""
+
+    @classmethod
+    def follow(cls, run_dir: str | Path) -> FollowerRecord:
+        """The record process 0 creates in `run_dir` (which may not exist yet)."""
+        return cls(Path(run_dir))
+
+    def writer_lock(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def log(self, event: Mapping[str, Any]) -> None:
+        pass
+
+    def truncate_events(self, after_step: int) -> None:
+        pass
+
+    def update_summary(self, **values: Any) -> None:
+        self.summary.update(values)  # kept, as process 0 keeps it, but not written
+
+
 # ============================================================================================
 # The reader's view: tolerant
 # ============================================================================================

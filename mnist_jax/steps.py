@@ -293,13 +293,16 @@ def step_key(seed: int, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), STEP_STREAM), step)
 
 
-def train_chunk(steps: Steps, steps_per_call: int) -> Callable[..., tuple[TrainState, Sums]]:
+def train_chunk(
+    steps: Steps, steps_per_call: int, shard_batch: Callable[[Any], Any] = lambda batch: batch
+) -> Callable[..., tuple[TrainState, Sums]]:
     """K train steps as one function, batches gathered on the device.
 
     Arguments: (state, sums, images_NxHxW, labels_N, permutation_N, first_index, hyper=None);
     compile it with the state and sums donated. K = 1 runs at top level; K > 1 runs under
     `lax.scan` (on XLA:CPU a scanned convolution gradient is much slower, on GPU/TPU the
-    per-call dispatch is what costs).
+    per-call dispatch is what costs). `shard_batch` lays out each gathered batch
+    (`parallel.shard_batch` splits it over the devices).
     """
     batch_size = steps.config.batch_size
 
@@ -309,7 +312,7 @@ def train_chunk(steps: Steps, steps_per_call: int) -> Callable[..., tuple[TrainS
         def one(carry, index):
             state, sums = carry
             rows_B = jax.lax.dynamic_slice_in_dim(permutation_N, index * batch_size, batch_size)
-            batch = (images_NxHxW[rows_B], labels_N[rows_B])
+            batch = shard_batch((images_NxHxW[rows_B], labels_N[rows_B]))
             rng = step_key(hyper.seed, state.step)
             state_next, out = steps.train_step(state, batch, rng, hyper)
             added = (out["loss"], out["correct"], batch_size, state_next.step)

@@ -24,10 +24,10 @@ import numpy as np
 from mnist_jax import data as data_lib
 from mnist_jax import metrics, models, parallel
 from mnist_jax.checkpoint import COPIES_AT_ONCE, Checkpoints, require_space
-from mnist_jax.config import Config, build_config
+from mnist_jax.config import PLACEMENT_FIELDS, Config, build_config
 from mnist_jax.errors import UserError
 from mnist_jax.files import atomic_write, storage_problem, write_json_atomic
-from mnist_jax.record import RunRecord, default_run_name
+from mnist_jax.record import FollowerRecord, RunRecord, default_run_name
 from mnist_jax.signals import StopRequest, stop_on_signals
 from mnist_jax.trainer import Trainer, checkpoint_bytes
 from mnist_jax.writers import MultiWriter, TestResults, Writer
@@ -35,7 +35,7 @@ from mnist_jax.writers.progress import Progress
 from mnist_jax.writers.record import RecordWriter
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
-RESUME_OVERRIDES = ("data_dir", "source", "wandb", "log_every")
+RESUME_OVERRIDES = ("data_dir", "source", "wandb", "log_every", *PLACEMENT_FIELDS)
 TEST_ACCURACY = metrics.metric_key("test", "accuracy")
 RATE = metrics.metric_key("train", "examples_per_sec")
 TEST_PREFIX = metrics.metric_key("test", "")
@@ -74,19 +74,23 @@ def fit(config: Config, stop: StopRequest | None = None) -> int:
         announce_backend(config)
         environment = describe_environment()
         stop.raise_if_requested()  # Ctrl-C before the run exists: nothing to record
-        config = config.replace(name=config.name or default_run_name(config.dataset))
-        record = RunRecord.create(
-            config.runs_dir, config.name, config.to_dict(), environment, model
+        # Every process of a distributed run takes process 0's name: one run, one directory.
+        name = parallel.broadcast_text(config.name or default_run_name(config.dataset))
+        config = config.replace(name=name)
+        record = _in_main_process(
+            lambda: RunRecord.create(config.runs_dir, name, config.to_dict(), environment, model),
+            FollowerRecord.follow(Path(config.runs_dir) / name),
         )
         with record.writer_lock():
-            print(f"run directory: {record.dir}", flush=True)
+            if parallel.is_main_process():
+                print(f"run directory: {record.dir}", flush=True)
             return _run(config, dataset, record, environment, stop, resume=False)
 
 
 def resume(run_dir: str | Path, flags: Mapping[str, Any], stop: StopRequest | None = None) -> int:
     """Continues an interrupted or failed run from its last checkpoint."""
     record = RunRecord.open(run_dir)
-    with listening(stop) as stop, record.writer_lock():  # before anything is written
+    with listening(stop) as stop, contextlib.ExitStack() as held:
         given = {k: v for k, v in flags.items() if v is not None}
         fixed = sorted(set(given) - set(RESUME_OVERRIDES))
         if fixed:
@@ -97,15 +101,34 @@ def resume(run_dir: str | Path, flags: Mapping[str, Any], stop: StopRequest | No
         if record.summary.get("status") == "completed":
             raise UserError(f"run {record.dir} already completed; start a new run instead")
         saved = record.read_config()
-        config = build_config(saved["config"], given)
+        # Where the run computes is this start's to say, not the first segment's.
+        kept = {k: v for k, v in saved["config"].items() if k not in PLACEMENT_FIELDS}
+        config = build_config(kept, given)
         start_backend(config)
+        if not parallel.is_main_process():
+            record = FollowerRecord.open(run_dir)
+        _in_main_process(lambda: held.enter_context(record.writer_lock()), None)
         dataset = load_data(config)
         require_disk_space(config, dataset, record.dir)
         announce_backend(config)
         stop.raise_if_requested()
-        if given:  # e.g. the data moved: evaluate and analyze should find it there too
+        if set(given) - set(PLACEMENT_FIELDS) and parallel.is_main_process():
+            # e.g. the data moved: evaluate and analyze should find it there too
             write_json_atomic(record.config_path, {**saved, "config": config.to_dict()})
         return _run(config, dataset, record, saved.get("environment", {}), stop, resume=True)
+
+
+def _in_main_process(fn: Callable[[], Any], default: Any) -> Any:
+    """`fn()` in process 0 (the one that writes the record), `default` in the others; an error
+    there stops every process, so that none waits for the others."""
+    result, error = default, None
+    if parallel.is_main_process():
+        try:
+            result = fn()
+        except UserError as e:
+            error = e
+    parallel.share_outcome(error)
+    return result
 
 
 def listening(stop: StopRequest | None) -> contextlib.AbstractContextManager[StopRequest]:
@@ -129,18 +152,24 @@ def load_data(config: Config) -> data_lib.Dataset:
 
 
 def start_backend(config: Config) -> None:
-    """What must be settled before JAX computes anything: determinism and the compilation
-    cache."""
+    """What must be settled before JAX computes anything (determinism, the compilation cache,
+    joining the other processes of a distributed run), then the devices to train on."""
     if config.deterministic:
         parallel.use_deterministic_ops()
     parallel.use_compilation_cache()
+    if config.distributed:
+        parallel.initialize_distributed(config.coordinator, config.num_processes, config.process_id)
+    parallel.use_devices(config.devices)
+    parallel.require_divisible(config.batch_size)
 
 
 def announce_backend(config: Config) -> None:
     """Which backend runs, said out loud (and loudly when it looks like the wrong one)."""
     devices = parallel.describe_devices()
+    processes = devices["process_count"]
     print(
         f"backend: {devices['backend']}, {devices['device_count']} x {devices['device_kind']}"
+        + (f" in {processes} processes" if processes > 1 else "")
         + (" (deterministic)" if config.deterministic else ""),
         flush=True,
     )
@@ -225,16 +254,23 @@ def _run(
         abort(record, loop.writer if loop is not None else MultiWriter([]), e)
         raise
     finally:
-        if loop is not None:
+        if loop is not None and not parallel.peer_lost():
             loop.checkpoints.close()
 
 
 def abort(record: RunRecord, writer: Writer, error: BaseException) -> None:
     """Not a planned stop: the record says so (where the disk still lets it) before the error
-    goes on up. A disk that refuses to write is the user's to fix: one line (a `UserError`)."""
-    problem = storage_problem(error)
+    goes on up. A disk that refuses to write, or a lost peer process of a distributed run, is
+    the user's to fix: one line (a `UserError`)."""
+    problem, lost = storage_problem(error), parallel.lost_peer(error)
     message = f"{type(error).__name__}: {error}"
-    if problem is not None:
+    if lost is not None:
+        message = (
+            f"{lost}; the run stopped at its last checkpoint: continue it with "
+            f"`mnist-jax train --resume {record.dir}` in every process"
+        )
+        parallel.exit_after_peer_loss(EXIT_FAILED)
+    elif problem is not None:
         message = (
             f"cannot write the run record in {record.dir}: {problem}; free some space, "
             f"then continue the run with `mnist-jax train --resume {record.dir}`"
@@ -242,7 +278,7 @@ def abort(record: RunRecord, writer: Writer, error: BaseException) -> None:
     with contextlib.suppress(OSError):
         record.update_summary(status="failed", message=message)
     writer.close("failed", record.summary)
-    if problem is not None:
+    if problem is not None or lost is not None:
         raise UserError(message, exit_code=EXIT_FAILED) from None
 
 
@@ -333,7 +369,8 @@ class Loop:
     def open(self, environment: Mapping[str, Any], *, resume: bool) -> None:
         if resume:
             self.restore()
-        self.writer = open_writers(self.config, self.record, environment, self.progress)
+        if parallel.is_main_process():  # the others of a distributed run write nothing
+            self.writer = open_writers(self.config, self.record, environment, self.progress)
         self.record.update_summary(status="running", message=None, **self.writer.info)
 
     def restore(self) -> None:
@@ -397,8 +434,10 @@ class Loop:
     # Phase: the end: the final record of a completed run, the summary, the writers closed.
     def finish(self, status: str, message: str | None, compiled: Mapping[str, int]) -> int:
         """Returns the process exit code for `status`."""
-        if status == "completed":
+        if status == "completed" and parallel.is_main_process():
             write_final_record(self)
+        elif status == "completed" and self.last_eval is None:
+            self.evaluate()  # the collective process 0 runs in write_final_record
         trainer = self.trainer
         totals = self.clock.totals(trainer.step, self.config.batch_size, trainer.compile_seconds)
         totals[metrics.COMPILED_PROGRAMS] = compiled["programs"]
@@ -406,7 +445,8 @@ class Loop:
         self.record.update_summary(status=status, message=message, **totals)
         self.checkpoints.close()
         self.writer.close(status, self.record.summary)
-        print(f"{status}: {self.record.dir}", flush=True)
+        if parallel.is_main_process():
+            print(f"{status}: {self.record.dir}", flush=True)
         return {"completed": EXIT_OK, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_FAILED)
 
     def log_train(self) -> None:

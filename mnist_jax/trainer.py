@@ -81,7 +81,10 @@ class Trainer:
             (dataset.train.images, np.asarray(dataset.train.labels, np.int32))
         )
         test = steps.eval_data(dataset.test.images, dataset.test.labels, config.eval_batch_size)
-        self.test = steps.EvalData(*parallel.place(tuple(test[:3])), test.num_examples)
+        # Eval batches split over the devices; the training set replicated, since every batch
+        # is gathered from all of it by a permutation.
+        test_arrays = parallel.place_batches(tuple(test[:3]), axis=1)
+        self.test = steps.EvalData(*test_arrays, test.num_examples)
         # The values are arguments, not constants: one program serves every seed and rate, so a
         # sweep (or a second run with a warm compilation cache) compiles nothing more.
         hyper = steps.Hyper.of(config) if trials is None else steps.Hyper.stack(trials)
@@ -112,7 +115,8 @@ class Trainer:
             return steps.epoch_permutation(seed, epoch, self.num_train)
 
         def chunk(k: int) -> Any:
-            run = self._mapped(steps.train_chunk(self.steps, k), (0, 0, None, None, 0, None, 0))
+            fn = steps.train_chunk(self.steps, k, parallel.shard_batch)
+            run = self._mapped(fn, (0, 0, None, None, 0, None, 0))
 
             def train_chunk(state, sums, images, labels, order, index, hyper, active):
                 new = run(state, sums, images, labels, order, index, hyper)
