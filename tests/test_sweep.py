@@ -375,8 +375,14 @@ def test_the_shipped_lr_sweep_writes_eight_trials_and_the_table(tmp_path, mnist_
     r = cli("sweep", "experiments/lr_sweep.toml", "--epochs", "1", *args)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--resume" in r.stderr
     assert (sweep_dir / table.SWEEP_FILE).read_bytes() == before
-    r = cli("sweep", "experiments/lr_sweep.toml", "--lr", "0.1", "--name", "x", *args)
-    assert r.returncode == 2 and "lr is swept by" in r.stderr and "Traceback" not in r.stderr
+    for flags, fragment in (
+        (("--lr", "0.1"), "lr is swept by"),
+        (("--distributed",), "--distributed is for train"),
+        (("--devices", "2"), "drop --devices"),
+    ):
+        r = cli("sweep", "experiments/lr_sweep.toml", *flags, "--name", "x", *args)
+        assert r.returncode == 2 and fragment in r.stderr and "Traceback" not in r.stderr
+        assert r.stderr.count("\n") == 1
     assert not (runs / "x").exists()
     # a completed sweep resumes to nothing new
     r = cli("sweep", "--resume", str(sweep_dir))

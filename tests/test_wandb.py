@@ -767,3 +767,32 @@ def test_training_run_is_mirrored_exactly(tmp_path, tiny_config, clean_wandb_env
     assert json.loads(model.metadata)["test/accuracy"] == summary["test/accuracy"]
     leaks = [p for p in all_files(tmp_path) if FAKE_KEY.encode() in p.read_bytes()]
     assert leaks == []
+
+
+@pytest.mark.slow
+def test_each_sweep_trial_is_its_own_wandb_run_in_the_sweeps_group(
+    tmp_path, mnist_dir, clean_wandb_env
+):
+    """Trials trained as one mapped program still log as separate W&B runs, grouped."""
+    from mnist_jax.record import RunRecord
+    from mnist_jax.signals import StopRequest
+    from mnist_jax.sweep.run import sweep
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text(
+        "[base]\ntrain_examples = 256\ntest_examples = 200\nconv_features = [4, 8]\n"
+        "dense_features = 16\nbatch_size = 64\neval_batch_size = 100\nepochs = 1\n"
+        'log_every = 2\nwandb = "offline"\n[grid]\nlr = [1e-3, 3e-3]\n'
+    )
+    flags = {"data_dir": str(mnist_dir), "runs_dir": str(tmp_path / "runs")}
+    assert sweep(spec, flags, name="grouped", max_parallel=2, stop=StopRequest()) == 0
+    ids = set()
+    for trial, lr in (("trial-00", 1e-3), ("trial-01", 3e-3)):
+        record = RunRecord.open(tmp_path / "runs" / "grouped" / trial)
+        logged = read_run(record.dir)
+        assert logged.run.run_group == "grouped" and logged.exit_code == 0
+        assert logged.config["lr"] == lr and logged.run_id == record.summary["wandb/run_id"]
+        last = logged.row(record.read_events()[-1]["step"])
+        assert same(last["test/accuracy"], record.summary["test/accuracy"])
+        ids.add(logged.run_id)
+    assert len(ids) == 2

@@ -72,6 +72,13 @@ def sweep(
         raise UserError(
             f"--max-parallel must be 0 (chosen per backend) or positive, got {max_parallel}"
         )
+    # Trials share one device: a sweep spreads over several devices or hosts only by running
+    # one sweep per device (say, one spec per GPU), not yet by sharding its trial axis.
+    if flags.get("distributed"):
+        raise UserError("sweep runs in one process; --distributed is for train")
+    if flags.get("devices") not in (None, 1):
+        raise UserError("sweep trains its trials on one device; drop --devices")
+    flags = {**flags, "devices": 1}
     with listening(stop) as stop:
         if resume is not None:
             if spec is not None or name is not None:
@@ -91,6 +98,8 @@ def run_sweep(
 ) -> int:
     """Trains every trial of `sweep` not yet done; returns the process exit code."""
     first = sweep.trials[0].config
+    if first.distributed:
+        raise UserError("sweep runs in one process; distributed = true is for train")
     start_backend(first)
     from mnist_jax.writers.wandb import resolve_mode
 
@@ -103,9 +112,9 @@ def run_sweep(
             described[key] = models.describe(trial.config, dataset.spec)
     width = max_parallel or default_max_parallel(parallel.backend())
     announce_backend(first)
-    _create_or_check(sweep, resume)
     pending = _pending(sweep, resume)
     require_disk_space(first, dataset, sweep.directory, runs=len(pending))
+    _create_or_check(sweep, resume)
     environment = describe_environment()
     batches = plan(pending, width)
     print(
@@ -249,6 +258,8 @@ def run_batch(
                 described[_structure_key(config)],
             )
             held.enter_context(record.writer_lock())
+            if p.record is not None and p.step < 0:  # died before its first checkpoint
+                record.truncate_events(0)
             records.append(record)
         loops: list[Loop] = []
         try:

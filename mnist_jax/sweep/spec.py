@@ -37,7 +37,7 @@ SPEC_KEYS = ("name", "config", "base", *SECTIONS)
 FIXED = (
     "dataset", "data_dir", "source", "train_examples", "test_examples", "runs_dir", "name",
     "wandb", "wandb_project", "wandb_entity", "wandb_tags", "wandb_group", "wandb_notes",
-    "tensorboard",
+    "tensorboard", "devices", "distributed", "coordinator", "num_processes", "process_id",
 )  # fmt: skip
 LOG_UNIFORM = ("lr", "weight_decay", "grad_clip")  # rates: sampled uniformly in their logarithm
 MAX_TRIALS = 10_000
