@@ -245,8 +245,8 @@ def analyze(
         typer.Option(
             "--runs",
             metavar="RUN",
-            help="Run directory or quoted glob ('runs/*'); repeatable. Default: every run in "
-            "--runs-dir.",
+            help="Run or sweep directory, or quoted glob ('runs/*'); repeatable. Default: every "
+            "run and sweep in --runs-dir.",
         ),
     ] = None,
     runs_dir: Annotated[

@@ -45,3 +45,21 @@ def tiny_config(mnist_dir):
         return Config(**{**settings, **changes})
 
     return make
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The matplotlib figures the analysis figure functions (runs, sweeps) draw, in order; the
+    PNG they return is the signature alone."""
+    from mnist_jax.analysis import run_plots, sweep_plots
+
+    figures: list = []
+
+    def keep(fig):
+        fig.canvas.draw()
+        figures.append(fig)
+        return b"\x89PNG\r\n\x1a\n"
+
+    monkeypatch.setattr(run_plots, "to_png", keep)
+    monkeypatch.setattr(sweep_plots, "to_png", keep)
+    return figures

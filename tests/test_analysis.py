@@ -789,22 +789,6 @@ def test_unwritable_out_leaves_nothing_behind(tmp_path, test_labels, monkeypatch
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def drawn(monkeypatch):
-    """The matplotlib figures the run figure functions draw, in order."""
-    from mnist_jax.analysis import run_plots
-
-    figures: list[Any] = []
-
-    def keep(fig):
-        fig.canvas.draw()
-        figures.append(fig)
-        return PNG_SIGNATURE
-
-    monkeypatch.setattr(run_plots, "to_png", keep)
-    return figures
-
-
 def _one_epoch_curves(accuracy: float, loss: float) -> dict[str, np.ndarray]:
     return {"epoch": np.array([1.0]), "test/accuracy": np.array([accuracy]),
             "train/loss": np.array([loss])}  # fmt: skip

@@ -4,6 +4,8 @@
 * `runs`: which runs to read and what the report shows for each (curves, counts, ranking,
   mistakes), from the tolerant reader `mnist_jax.record.load_run`;
 * `compare`: the comparison rows, their order and runs.csv;
+* `sweeps`, `sweep_plots`: a sweep directory's trial and spread tables, CSV files, section and
+  figure (its trials are runs like any other);
 * `sections`, `plots`, `run_plots`, `report`: the report's sections, figures and HTML;
 * `build`: `analyze()`, the entry point that ties them together.
 """
@@ -30,10 +32,12 @@ from mnist_jax.analysis.dataset import (
 )
 from mnist_jax.analysis.runs import (
     GALLERY_SIZE,
+    Found,
     Mistakes,
     Ranking,
     RunAnalysis,
     analyze_run,
+    find_records,
     find_runs,
     learning_curves,
     per_class_scores,
@@ -41,12 +45,14 @@ from mnist_jax.analysis.runs import (
     top_mistakes,
 )
 from mnist_jax.analysis.sections import SAMPLES_PER_CLASS
+from mnist_jax.analysis.sweeps import SweepAnalysis, analyze_sweep
 from mnist_jax.record import Predictions, Run, load_run
 
 __all__ = [
     "COMPARISON_COLUMNS",
     "CONFIG_COLUMNS",
     "GALLERY_SIZE",
+    "Found",
     "METRIC_COLUMNS",
     "MODEL_COLUMNS",
     "SAMPLES_PER_CLASS",
@@ -55,11 +61,14 @@ __all__ = [
     "Ranking",
     "Run",
     "RunAnalysis",
+    "SweepAnalysis",
     "analyze",
     "analyze_run",
+    "analyze_sweep",
     "class_mean_images",
     "comparison_row",
     "dataset_stats",
+    "find_records",
     "find_runs",
     "learning_curves",
     "load_run",

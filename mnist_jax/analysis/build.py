@@ -1,5 +1,6 @@
-"""`mnist-jax analyze`: reads the dataset and the runs, writes dataset_stats.json, runs.csv, the
-figures and the HTML report, and prints the tables to the console.
+"""`mnist-jax analyze`: reads the dataset, the runs and the sweeps, writes dataset_stats.json,
+runs.csv, one sweep-NAME.csv and sweep-NAME-spread.csv per sweep, the figures and the HTML
+report, and prints the tables to the console.
 
 A dataset that cannot be loaded removes only the dataset section; a run that is partial or
 damaged is shown with what is missing. Either alone is an error only when nothing is left.
@@ -17,14 +18,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mnist_jax.analysis import report as report_lib
-from mnist_jax.analysis import run_plots, sections
+from mnist_jax.analysis import run_plots, sections, sweeps
 from mnist_jax.analysis.compare import accuracy_order, comparison_row, write_runs_csv
 from mnist_jax.analysis.dataset import dataset_stats
-from mnist_jax.analysis.runs import RunAnalysis, analyze_run, find_runs
+from mnist_jax.analysis.runs import Found, RunAnalysis, analyze_run, find_records
 from mnist_jax.data import CLASS_NAMES
 from mnist_jax.errors import UserError
 from mnist_jax.files import write_text_atomic
-from mnist_jax.record import first_line, load_run
+from mnist_jax.record import Run, first_line, load_run
+from mnist_jax.sweep.table import is_sweep
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -45,19 +47,22 @@ def analyze(
 ) -> Path:
     """Analyses a dataset and runs into `out_dir` and returns the path of `report.html`.
 
-    Writes `dataset_stats.json`, `runs.csv`, the figures under `figures/` and the report. Bad
-    run arguments fail before any work; a dataset that cannot be loaded only removes the
-    dataset section (with the reason in the report), unless there is nothing else to show.
+    Writes `dataset_stats.json`, `runs.csv`, the sweeps' CSV files, the figures under `figures/`
+    and the report. A sweep directory among the runs (or in `runs_dir`) becomes a sweep section,
+    its trials runs like any other. Bad run arguments fail before any work; a dataset that
+    cannot be loaded only removes the dataset section (with the reason in the report), unless
+    there is nothing else to show.
     """
     from rich.console import Console
 
     if include_dataset and dataset not in CLASS_NAMES:
         raise UserError(f"unknown dataset {dataset!r}; choose one of: {', '.join(CLASS_NAMES)}")
     console = console or Console()
-    run_paths, runs_note = find_runs(runs, runs_dir) if include_runs else ([], "")
+    found = find_records(runs, runs_dir) if include_runs else Found([], [], "")
+    run_paths, runs_note = found.runs, found.note
     if not include_runs:
         runs_note = "Run analysis skipped (--no-runs)."
-    elif not run_paths and not include_dataset:
+    elif not run_paths and not found.sweeps and not include_dataset:
         raise UserError(
             f"{runs_note.rstrip('.')}, and --no-dataset leaves nothing else to analyse; point "
             "--runs-dir or --runs at directories written by `mnist-jax train`, or drop --no-dataset"
@@ -72,14 +77,15 @@ def analyze(
             data = loader.load(dataset, str(data_dir) if data_dir else None, "auto")
         except (UserError, OSError, ValueError) as e:
             reason = f"{dataset} could not be loaded ({first_line(e)})"
-            if not run_paths:
+            if not run_paths and not found.sweeps:
                 raise UserError(f"{reason}; there are no runs to analyse either") from None
             dataset_note = f"Dataset section missing: {reason}."
             console.print(f"[yellow]warning:[/] {dataset_note}")
         else:
             dataset_section, dataset_note = _dataset_part(data, out, console), ""
 
-    analyses = [analyze_run(load_run(p), loader.load) for p in run_paths]
+    analyses = [analyze_run(_load_run(p), loader.load) for p in run_paths]
+    sweep_sections = _sweeps_part(found.sweeps, out, console)
     run_sections, comparison, comparison_figures = (
         _runs_part(analyses, out, console) if include_runs else ([], None, [])
     )
@@ -92,6 +98,7 @@ def analyze(
         comparison=comparison,
         comparison_figures=comparison_figures,
         runs_note=runs_note,
+        sweeps=sweep_sections,
     )
     return report_lib.write(report, out / "report.html")
 
@@ -192,6 +199,34 @@ def _runs_part(
         plot = sections.Plot("comparison_curves", "Runs compared", png, caption)
         figures = sections.save_figures([plot], out / "figures")
     return run_sections, table, figures
+
+
+def _load_run(path: Path) -> Run:
+    """The run in `path`; a sweep's trial is named `SWEEP/TRIAL`, as every sweep has a
+    `trial-00`."""
+    run = load_run(path)
+    parent = path.resolve().parent
+    if is_sweep(parent):
+        run.name = f"{parent.name}/{run.name}"
+    return run
+
+
+def _sweeps_part(
+    paths: Sequence[Path], out: Path, console: Console
+) -> list[report_lib.SweepSection]:
+    """sweep-NAME.csv and sweep-NAME-spread.csv, the spread on the console, and one report
+    section per sweep."""
+    found = [sweeps.analyze_sweep(p) for p in paths]
+    result = []
+    for sweep, slug in zip(found, _unique_slugs([s.name for s in found]), strict=True):
+        sweeps.write_csvs(sweep, out, slug)
+        if sweep.spread:
+            title = f"sweep {sweep.name}: test accuracy over seeds"
+            _print_table(console, title, sweeps.spread_table(sweep))
+        for problem in sweep.problems:
+            console.print(f"[yellow]warning:[/] sweep {sweep.name}: {problem}")
+        result.append(sweeps.sweep_section(sweep, slug, out / "figures" / "sweeps" / slug))
+    return result
 
 
 def _print_table(

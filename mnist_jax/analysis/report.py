@@ -70,6 +70,18 @@ class RunSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class SweepSection:
+    name: str
+    slug: str
+    path: str
+    swept: Sequence[str]
+    problems: Sequence[str]
+    tables: Sequence[tuple[str, Table]]
+    figures: Sequence[Figure]
+    notes: Sequence[str] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class Report:
     title: str
     generated: str
@@ -79,6 +91,7 @@ class Report:
     comparison: Table | None
     comparison_figures: Sequence[Figure]
     runs_note: str
+    sweeps: Sequence[SweepSection] = ()
 
 
 class _Markup(str):
@@ -98,6 +111,7 @@ def render(report: Report) -> str:
         _contents(report),
         "</header>",
         _dataset_html(report),
+        _sweeps_html(report),
         _runs_html(report),
         "</body></html>",
     ]
@@ -121,7 +135,12 @@ def badge(status: str) -> str:
 
 
 def _contents(report: Report) -> str:
-    items = ['<li><a href="#dataset">Dataset</a></li>', '<li><a href="#runs">Runs</a><ul>']
+    items = ['<li><a href="#dataset">Dataset</a></li>']
+    if report.sweeps:
+        items.append('<li><a href="#sweeps">Sweeps</a><ul>')
+        items += [f'<li><a href="#sweep-{s.slug}">{_e(s.name)}</a></li>' for s in report.sweeps]
+        items.append("</ul></li>")
+    items.append('<li><a href="#runs">Runs</a><ul>')
     for run in report.runs:
         items.append(f'<li><a href="#run-{run.slug}">{_e(run.name)}</a> {badge(run.status)}</li>')
     items.append("</ul></li>")
@@ -158,6 +177,31 @@ def _runs_html(report: Report) -> str:
         out.append(_figures_html(report.comparison_figures))
     for run in report.runs:
         out.append(_run_html(run))
+    return "\n".join(out + ["</section>"])
+
+
+def _sweeps_html(report: Report) -> str:
+    """The sweeps, before the runs: each sums up trials whose own sections follow."""
+    if not report.sweeps:
+        return ""
+    out = ['<section id="sweeps">', "<h2>Sweeps</h2>"]
+    for sweep in report.sweeps:
+        swept = ", ".join(sweep.swept) or "nothing readable"
+        out += [
+            f'<article class="run" id="sweep-{sweep.slug}">',
+            f"<h3>{_e(sweep.name)}</h3>",
+            f'<p class="muted"><code>{_e(sweep.path)}</code>; swept: {_e(swept)}</p>',
+        ]
+        if sweep.problems:
+            items = "".join(f"<li>{_e(p)}</li>" for p in sweep.problems)
+            out.append(f'<div class="missing"><strong>Unreadable</strong><ul>{items}</ul></div>')
+        out.append(_figures_html(sweep.figures))
+        out.append('<div class="tables">')
+        for caption, table in sweep.tables:
+            out.append(f"<div><h4>{_e(caption)}</h4>{_table_html(table)}</div>")
+        out.append("</div>")
+        out += [f'<p class="notice">{_e(note)}</p>' for note in sweep.notes]
+        out.append("</article>")
     return "\n".join(out + ["</section>"])
 
 

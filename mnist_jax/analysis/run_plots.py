@@ -60,7 +60,7 @@ def learning_curves(curves: Mapping[str, np.ndarray], title: str) -> bytes:
             ax.legend(fontsize=9)
     if _positive(curves, "loss"):
         _log_y(loss_ax)
-    _accuracy_y(acc_ax)
+    accuracy_y(acc_ax)
     for ax in (loss_ax, acc_ax):
         _epoch_x(ax)
     fig.suptitle(title, fontsize=13)
@@ -268,7 +268,7 @@ def comparison_curves(curves_by_run: Mapping[str, Mapping[str, np.ndarray]], tit
     loss_ax.set_ylabel("train loss")
     if any(_positive(c, "loss", splits=("train",)) for c in curves_by_run.values()):
         _log_y(loss_ax)
-    _accuracy_y(acc_ax)
+    accuracy_y(acc_ax)
     for ax in (acc_ax, loss_ax):
         _epoch_x(ax)
         ax.set_xlabel("epoch")
@@ -299,7 +299,7 @@ def _log_y(ax: Any) -> None:
     ax.yaxis.set_minor_formatter(NullFormatter())
 
 
-def _accuracy_y(ax: Any) -> None:
+def accuracy_y(ax: Any) -> None:
     """Accuracy limits around the plotted values and never above 1: alone, a single point gets
     matplotlib's +-5% (an axis up to 1.04). Points on the limit are drawn whole, unclipped."""
     values = _plotted(ax, "y")

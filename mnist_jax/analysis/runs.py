@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from mnist_jax.record import (
     looks_like_run,
     number,
 )
+from mnist_jax.sweep.table import is_sweep
 
 if TYPE_CHECKING:
     from mnist_jax.data import Dataset
@@ -41,50 +42,81 @@ _CONFUSION_KEY = metrics.metric_key("test", "confusion_matrix")
 DatasetLoader = Callable[[str, "str | None", str], "Dataset"]
 
 
-def find_runs(patterns: Sequence[str] | None, runs_dir: str | Path) -> tuple[list[Path], str]:
-    """The run directories to analyse, and a note for the report when there are none.
+class Found(NamedTuple):
+    """What `find_records` found: run directories (a sweep's trials among them), sweep
+    directories, and a note for the report when there are no runs."""
 
-    `patterns` are directories or quoted globs. An explicit directory that is not a run is an
-    error; a glob (and the default `runs_dir/*`) passes over directories that hold no run file
-    at all, but keeps a damaged run (one that lost its config.json) so the report shows it.
+    runs: list[Path]
+    sweeps: list[Path]
+    note: str
+
+
+def find_runs(patterns: Sequence[str] | None, runs_dir: str | Path) -> tuple[list[Path], str]:
+    """The run directories to analyse (a sweep's trials among them), and a note for the report
+    when there are none; see `find_records`."""
+    found = find_records(patterns, runs_dir)
+    return found.runs, found.note
+
+
+def find_records(patterns: Sequence[str] | None, runs_dir: str | Path) -> Found:
+    """The run and sweep directories to analyse.
+
+    `patterns` are directories or quoted globs. An explicit directory that is neither a run nor
+    a sweep is an error; a glob (and the default `runs_dir/*`) passes over directories that hold
+    no run file at all, but keeps a damaged run (one that lost its config.json) so the report
+    shows it. A sweep directory (`mnist-jax sweep`) stands for itself and its trials, which are
+    runs one level further down; each run and sweep is listed once, in the order given.
     """
+    candidates: list[Path] = []
     if not patterns:
         root = Path(runs_dir)
         if not root.is_dir():
-            return [], f"No runs found: the runs directory {root} does not exist."
-        found = sorted(p for p in root.iterdir() if looks_like_run(p))
-        return found, "" if found else f"No runs found under {root}."
-    found: list[Path] = []
-    for pattern in patterns:
+            return Found([], [], f"No runs found: the runs directory {root} does not exist.")
+        candidates = sorted(root.iterdir())
+    for pattern in patterns or ():
         if _GLOB_CHARS & set(pattern):
             matches = sorted(glob.glob(os.path.expanduser(pattern)))
             if not matches:
                 raise UserError(f"--runs {pattern!r} matches nothing; check the pattern")
-            found.extend(Path(m) for m in matches if looks_like_run(Path(m)))
+            candidates.extend(Path(m) for m in matches)
         else:
-            found.append(_explicit_run(Path(pattern).expanduser()))
-    runs, seen = [], set()
-    for path in found:  # each run once, in the order given
-        if path.resolve() not in seen:
-            seen.add(path.resolve())
-            runs.append(path)
-    note = "" if runs else f"No runs found in {', '.join(repr(p) for p in patterns)}."
-    return runs, note
+            candidates.append(_explicit_run(Path(pattern).expanduser()))
+    runs: dict[Path, Path] = {}  # by resolved path: each once, in the order found
+    sweeps: dict[Path, Path] = {}
+    for path in candidates:
+        if is_sweep(path):
+            sweeps.setdefault(path.resolve(), path)
+            for trial in _trial_dirs(path):
+                runs.setdefault(trial.resolve(), trial)
+        elif looks_like_run(path):
+            runs.setdefault(path.resolve(), path)
+    if runs:
+        note = ""
+    elif not patterns:
+        note = f"No runs found under {runs_dir}."
+    else:
+        note = f"No runs found in {', '.join(repr(p) for p in patterns)}."
+    return Found(list(runs.values()), list(sweeps.values()), note)
+
+
+def _trial_dirs(sweep_dir: Path) -> list[Path]:
+    """A sweep's trial run directories: those it has started (each is a complete run record)."""
+    return sorted(p for p in sweep_dir.iterdir() if looks_like_run(p))
 
 
 def _explicit_run(path: Path) -> Path:
     if not path.exists():
         raise UserError(f"--runs {path}: no such directory")
-    if looks_like_run(path):
+    if looks_like_run(path) or is_sweep(path):
         return path
-    if path.is_dir() and any(looks_like_run(p) for p in path.iterdir()):
+    if path.is_dir() and any(looks_like_run(p) or is_sweep(p) for p in path.iterdir()):
         raise UserError(
             f"{path} is not a run directory (no {CONFIG_FILE}) but holds runs; "
             f"use --runs-dir {path} or --runs '{path}/*'"
         )
     raise UserError(
         f"{path} is not a run directory (no {CONFIG_FILE}); pass a directory written by "
-        "`mnist-jax train`"
+        "`mnist-jax train` or `mnist-jax sweep`"
     )
 
 
