@@ -388,3 +388,21 @@ def test_the_shipped_lr_sweep_writes_eight_trials_and_the_table(tmp_path, mnist_
     r = cli("sweep", "--resume", str(sweep_dir))
     assert r.returncode == 0, r.stderr
     assert "0 of 8 trials to train" in r.stdout
+
+
+def test_the_spread_groups_list_values_such_as_layer_widths():
+    rows = [
+        {
+            "trial": f"t{i}",
+            "status": "completed",
+            "conv_features": widths,
+            "seed": i,
+            table.ACCURACY: acc,
+        }  # fmt: skip
+        for i, (widths, acc) in enumerate([([8], 0.9), ([8], 0.8), ([8, 16], 0.95)])
+    ]
+    summary = table.spread(rows, ["conv_features", "seed"])
+    assert [(r["conv_features"], r["trials"]) for r in summary] == [([8, 16], 1), ([8], 2)]
+    assert math.isclose(summary[1]["mean"], 0.85) and math.isclose(
+        summary[1]["std"], np.std([0.9, 0.8], ddof=1)
+    )

@@ -65,12 +65,16 @@ def spread(rows: Sequence[Mapping[str, Any]], swept: Sequence[str]) -> list[dict
     trials, their mean and standard deviation (the sample's, 0 for one trial), min and max.
     Only completed trials count."""
     by = [key for key in swept if key != "seed"]
-    groups: dict[tuple, list[float]] = {}
+    groups: dict[str, tuple[tuple, list[float]]] = {}
     for row in rows:
         if row["status"] == "completed" and row[ACCURACY] is not None:
-            groups.setdefault(tuple(row[k] for k in by), []).append(row[ACCURACY])
+            values = tuple(row[k] for k in by)
+            # keyed by their JSON: a swept value may be a list (layer widths)
+            groups.setdefault(json.dumps(values, default=list), (values, []))[1].append(
+                row[ACCURACY]
+            )
     out = []
-    for values, accuracies in groups.items():
+    for values, accuracies in groups.values():
         out.append(
             {
                 **dict(zip(by, values, strict=True)),
