@@ -31,6 +31,7 @@ PADDINGS = ("same", "valid")
 WANDB_MODES = ("online", "offline", "disabled")
 MAX_CONV_BLOCKS = 4  # 28 -> 14 -> 7 -> 3 -> 1 pixels
 MAX_KERNEL = 28  # no larger than the image
+SWEEP_SECTIONS = {"grid", "zip", "random"}  # what makes a TOML file a sweep spec
 # Where this process computes, not what is trained: every start (and every process) gives its
 # own, and a resumed run does not inherit them from the saved config.
 PLACEMENT_FIELDS = ("devices", "distributed", "coordinator", "num_processes", "process_id")
@@ -210,6 +211,11 @@ def build_config(*layers: Mapping[str, Any]) -> Config:
 def config_from(config_file: str | Path | None, flags: Mapping[str, Any]) -> Config:
     """The CLI's entry point: defaults < `config_file` < flags."""
     file_layer = load_toml(config_file) if config_file else {}
+    if SWEEP_SECTIONS & set(file_layer):
+        raise UserError(
+            f"{config_file} is a sweep spec, not a config; run it with `mnist-jax sweep "
+            f"{config_file}`"
+        )
     return build_config(file_layer, flags)
 
 

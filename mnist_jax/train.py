@@ -91,13 +91,7 @@ def resume(run_dir: str | Path, flags: Mapping[str, Any], stop: StopRequest | No
     """Continues an interrupted or failed run from its last checkpoint."""
     record = RunRecord.open(run_dir)
     with listening(stop) as stop, contextlib.ExitStack() as held:
-        given = {k: v for k, v in flags.items() if v is not None}
-        fixed = sorted(set(given) - set(RESUME_OVERRIDES))
-        if fixed:
-            raise UserError(
-                f"--resume continues the run with its own config; drop {', '.join(fixed)} "
-                f"(only {', '.join(RESUME_OVERRIDES)} may change)"
-            )
+        given = resume_flags(flags, "the run with its own config")
         if record.summary.get("status") == "completed":
             raise UserError(f"run {record.dir} already completed; start a new run instead")
         saved = record.read_config()
@@ -116,6 +110,19 @@ def resume(run_dir: str | Path, flags: Mapping[str, Any], stop: StopRequest | No
             # e.g. the data moved: evaluate and analyze should find it there too
             write_json_atomic(record.config_path, {**saved, "config": config.to_dict()})
         return _run(config, dataset, record, saved.get("environment", {}), stop, resume=True)
+
+
+def resume_flags(flags: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """The flags given (not None) with `--resume`, which continues `what`: only those in
+    `RESUME_OVERRIDES` (where the data is, how it is reported and placed) may change."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    fixed = sorted(set(given) - set(RESUME_OVERRIDES))
+    if fixed:
+        raise UserError(
+            f"--resume continues {what}; drop {', '.join(fixed)} "
+            f"(only {', '.join(RESUME_OVERRIDES)} may change)"
+        )
+    return given
 
 
 def _in_main_process(fn: Callable[[], Any], default: Any) -> Any:

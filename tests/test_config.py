@@ -34,7 +34,16 @@ def test_flags_override_the_file_which_overrides_defaults(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.toml")), ids=lambda p: p.name)
 def test_every_shipped_experiment_loads(path):
-    assert isinstance(config_from(path, {}), Config)
+    from mnist_jax.sweep.spec import load_spec
+
+    if path.stem in ("lr_sweep", "seeds"):  # sweep specs: every trial is a valid config
+        sweep = load_spec(path, {})
+        assert len(sweep.trials) in (8, 16)
+        assert all(isinstance(t.config, Config) for t in sweep.trials)
+        with pytest.raises(UserError, match="is a sweep spec"):
+            config_from(path, {})
+    else:
+        assert isinstance(config_from(path, {}), Config)
 
 
 def test_the_baseline_is_the_classic_recipe():

@@ -33,7 +33,6 @@ from mnist_jax.train import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
-    RESUME_OVERRIDES,
     Clock,
     Loop,
     Stop,
@@ -43,6 +42,7 @@ from mnist_jax.train import (
     listening,
     load_data,
     require_disk_space,
+    resume_flags,
     start_backend,
 )
 from mnist_jax.trainer import Trainer
@@ -147,13 +147,7 @@ def run_sweep(
 def resume_sweep(directory: str | Path, flags: Mapping[str, Any]) -> Sweep:
     """The sweep saved in `directory`, with the flags a resumed run may change applied."""
     saved = table.read_sweep(directory)
-    given = {k: v for k, v in flags.items() if v is not None}
-    fixed = sorted(set(given) - set(RESUME_OVERRIDES))
-    if fixed:
-        raise UserError(
-            f"--resume continues the sweep with its own spec; drop {', '.join(fixed)} "
-            f"(only {', '.join(RESUME_OVERRIDES)} may change)"
-        )
+    given = resume_flags(flags, "the sweep with its own spec")
     sweep = Sweep.from_dict(Path(directory), saved)
     trials = tuple(
         Trial(t.name, t.values, t.config.replace(**given, runs_dir=str(directory)))
