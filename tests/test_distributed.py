@@ -125,8 +125,8 @@ def test_errors_are_not_lost_peers_outside_a_distributed_run():
 @pytest.mark.slow
 def test_sharded_and_unsharded_steps_agree(tmp_path):
     """The same compiled train chunk and evaluation over 2 simulated CPU devices and over one.
-    XLA:CPU's simulated devices can deadlock in a collective on a busy machine; that is skipped,
-    the two-process tests below cover the real multi-device path."""
+    XLA:CPU's simulated devices can deadlock in a collective on a busy machine (the classic CNN
+    always did); this test-sized one has not, and gets a second try if it does."""
     script = tmp_path / "compare.py"
     script.write_text(
         "import json, sys\n"
@@ -150,12 +150,17 @@ def test_sharded_and_unsharded_steps_agree(tmp_path):
         "print(json.dumps(out))\n"
     )
     env = {**environment(), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    try:
-        done = subprocess.run(
-            [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120
-        )
-    except subprocess.TimeoutExpired:
-        pytest.skip("XLA:CPU's simulated devices deadlocked in a collective")
+    done = None
+    for _ in range(2):  # one more try: a rendezvous XLA:CPU lost on a loaded machine
+        try:
+            done = subprocess.run(
+                [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120
+            )
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    if done is None:
+        pytest.fail("XLA:CPU's simulated devices deadlocked in a collective, twice")
     assert done.returncode == 0, done.stderr[-2000:]
     one, two = json.loads(done.stdout.splitlines()[-1])
     assert two[0] == pytest.approx(one[0], rel=1e-5)
