@@ -145,6 +145,18 @@ def broadcast_text(text: str) -> str:
     return bytes(agreed).rstrip(b"\0").decode(errors="replace")
 
 
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true in any process of the run (in one process: `flag`). A stop
+    request (Ctrl-C, SIGTERM) reaching one process of a distributed run stops all of them at
+    the same step, so that every one checkpoints there and none waits for the others."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.array([flag], np.int32))
+    return bool(np.any(np.asarray(flags)))
+
+
 def share_outcome(error: UserError | None) -> None:
     """After a step only process 0 takes (creating the run record): its error, if any, is
     raised in every process, so that none goes on to wait for the others; an error of another

@@ -401,7 +401,7 @@ class Loop:
             self.begin()
             try:
                 while trainer.step < trainer.total_steps:
-                    if stop():
+                    if parallel.any_process(stop()):
                         raise Stop.interrupted(trainer.step)
                     before = trainer.step
                     trainer.run(trainer.steps_per_call)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -222,3 +223,57 @@ def test_a_killed_process_stops_the_other_within_a_minute(tmp_path):
     assert err.count("error:") == 1
     summary = RunRecord.open(tmp_path / "runs" / "killed").summary
     assert summary["status"] == "failed" and "--resume" in summary["message"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_one_process_stops_both_at_one_checkpoint_and_resume_finishes(tmp_path):
+    epochs = ["--epochs", "12"]
+    single = train([*epochs, "--runs-dir", str(tmp_path / "one"), "--name", "one"], tmp_path / "s")
+    procs = train_distributed(tmp_path, [*epochs, "--name", "two"])
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while "epoch 1:" not in text(tmp_path, "p0.out"):  # training is under way
+            assert time.monotonic() < deadline and procs[0].poll() is None, text(tmp_path, "p0.err")
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGINT)  # only the process that writes nothing
+        codes = finish(procs, timeout=90)
+    finally:
+        finish(procs, timeout=1)
+    assert codes == [130, 130], text(tmp_path, "p0.err") + text(tmp_path, "p1.err")
+    run = tmp_path / "runs" / "two"
+    summary = RunRecord.open(run).summary
+    assert summary["status"] == "interrupted" and 8 <= summary["step"] < 96, summary
+    stopped_at = summary["step"]
+    port = free_port()
+    resumed = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "cli.py"),
+                "train",
+                "--resume",
+                str(run),
+                "--distributed",
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            stdout=(tmp_path / f"r{i}.out").open("w"),
+            stderr=(tmp_path / f"r{i}.err").open("w"),
+            env=environment(),
+            cwd=REPO,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    assert finish(resumed) == [0, 0], text(tmp_path, "r0.err") + text(tmp_path, "r1.err")
+    assert f"resuming {run} at step {stopped_at}" in text(tmp_path, "r0.out")
+    assert finish([single]) == [0], text(tmp_path, "s.err")
+    one, two = RunRecord.open(tmp_path / "one" / "one"), RunRecord.open(run)
+    assert two.summary["status"] == "completed" and two.summary["step"] == 96
+    for key in ("train/loss", "test/loss", "test/accuracy"):
+        assert two.summary[key] == pytest.approx(one.summary[key], rel=1e-4), key
+    steps = [json.loads(line)["step"] for line in two.metrics_path.read_text().splitlines()]
+    assert len(steps) == len(one.metrics_path.read_text().splitlines())  # each event once
