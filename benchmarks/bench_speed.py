@@ -35,7 +35,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from common import machine
+from flax import nnx
 
 from mnist_jax import data, models, steps
 from mnist_jax.config import Config, config_from
@@ -47,24 +49,58 @@ RESULTS = REPO / "benchmarks" / "results" / "speed.json"
 FAST = REPO / "experiments" / "fast.toml"
 
 
+class FlaxExampleCNN(nnx.Module):
+    """The Flax MNIST example's CNN as that example writes it: `nnx.Conv`, ReLU and
+    `nnx.avg_pool` twice, then two dense layers, each on the whole batch. The same function as
+    mnist-jax's classic CNN (same layers and parameter shapes), without its CPU-specific
+    execution (convolutions in chunks, pooling as a reshape)."""
+
+    def __init__(self, *, rngs: nnx.Rngs) -> None:
+        self.conv1 = nnx.Conv(1, 32, kernel_size=(3, 3), rngs=rngs)
+        self.conv2 = nnx.Conv(32, 64, kernel_size=(3, 3), rngs=rngs)
+        self.dense1 = nnx.Linear(3136, 256, rngs=rngs)
+        self.dense2 = nnx.Linear(256, 10, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nnx.avg_pool(nnx.relu(self.conv1(x)), window_shape=(2, 2), strides=(2, 2))
+        x = nnx.avg_pool(nnx.relu(self.conv2(x)), window_shape=(2, 2), strides=(2, 2))
+        x = x.reshape(x.shape[0], -1)
+        return self.dense2(nnx.relu(self.dense1(x)))
+
+
 class FlaxStyleLoop:
-    """The Flax MNIST example's training loop around mnist-jax's model and recipe: each epoch
-    a numpy permutation, each step a host batch sliced from it and passed to a `jax.jit` train
-    step (so every step copies its batch to the device)."""
+    """The Flax MNIST example's training loop and model with mnist-jax's recipe (optimizer,
+    schedule): each epoch a numpy permutation, each step a host batch sliced from it and passed
+    to a `jax.jit` train step (so every step copies its batch to the device)."""
 
     def __init__(self, config: Config, dataset: data.Dataset) -> None:
+        if config.conv_features != (32, 64) or config.dense_features != 256:
+            raise SystemExit("the Flax-style baseline is the classic CNN only")
         self.batch_size = config.batch_size
         self.images = np.asarray(dataset.train.images)
         self.labels = np.asarray(dataset.train.labels, np.int32)
         self.steps_per_epoch = len(self.labels) // self.batch_size
-        built = steps.build(config, dataset.spec, self.steps_per_epoch * config.epochs)
+        schedule = steps.make_schedule(config, self.steps_per_epoch * config.epochs)
+        optimizer = steps.make_optimizer(config, schedule, steps.Hyper.of(config))
+        model = FlaxExampleCNN(rngs=nnx.Rngs(config.seed))
+        graphdef, params = nnx.split(model, nnx.Param)
         self.seed = config.seed
 
         def train_step(state, batch):
-            return built.train_step(state, batch, steps.step_key(self.seed, state.step))
+            params, opt_state = state
+            images, labels = batch
+
+            def loss_fn(params):
+                inputs = jnp.asarray(images, jnp.float32)[..., None] / 255.0
+                logits = nnx.merge(graphdef, params)(inputs)
+                return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+            loss, grads = jax.value_and_grad(loss_fn)(params)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), loss
 
         self.train_step = jax.jit(train_step, donate_argnums=0)
-        self.state = built.init_state
+        self.state = (params, optimizer.init(params))
         self.order = np.random.default_rng(config.seed).permutation(len(self.labels))
         self.step = 0
 
