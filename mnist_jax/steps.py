@@ -220,8 +220,12 @@ class Steps(NamedTuple):
         return Hyper.of(self.config)
 
 
-def build(config: Config, spec: DatasetSpec, total_steps: int) -> Steps:
-    """Model, optimizer, initial state and the pure step functions for `config` on `spec`."""
+def build(
+    config: Config, spec: DatasetSpec, total_steps: int, conv_chunk: int | None = None
+) -> Steps:
+    """Model, optimizer, initial state and the pure step functions for `config` on `spec`.
+    `conv_chunk`: the train step runs the convolutions over chunks of that many examples (the
+    trainer's choice per backend, `trainer.conv_chunk`); None: over the whole batch."""
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: create_model(config, spec)))
     schedule = make_schedule(config, total_steps)
     num_classes = spec.num_classes
@@ -234,7 +238,13 @@ def build(config: Config, spec: DatasetSpec, total_steps: int) -> Steps:
     def forward(params, model_state, images_BxHxW, *, train, dropout_key=None, dropout=None):
         module = nnx.merge(graphdef, params, model_state, copy=True)
         inputs = preprocess(images_BxHxW, spec)
-        logits_BxC = module(inputs, train=train, dropout_key=dropout_key, dropout_rate=dropout)
+        logits_BxC = module(
+            inputs,
+            train=train,
+            dropout_key=dropout_key,
+            dropout_rate=dropout,
+            conv_chunk=conv_chunk if train else None,
+        )
         _, _, new_model_state = nnx.split(module, nnx.Param, ...)
         return logits_BxC, new_model_state
 

@@ -29,7 +29,7 @@ from mnist_jax.errors import UserError
 from mnist_jax.files import atomic_write, storage_problem, write_json_atomic
 from mnist_jax.record import FollowerRecord, RunRecord, default_run_name
 from mnist_jax.signals import StopRequest, stop_on_signals
-from mnist_jax.trainer import Trainer, checkpoint_bytes
+from mnist_jax.trainer import Trainer, checkpoint_bytes, conv_chunk, default_steps_per_call
 from mnist_jax.writers import MultiWriter, TestResults, Writer
 from mnist_jax.writers.progress import Progress
 from mnist_jax.writers.record import RecordWriter
@@ -72,7 +72,7 @@ def fit(config: Config, stop: StopRequest | None = None) -> int:
             require_tensorboardx()
         require_disk_space(config, dataset, config.runs_dir)
         announce_backend(config)
-        environment = describe_environment()
+        environment = describe_environment(config)
         stop.raise_if_requested()  # Ctrl-C before the run exists: nothing to record
         # Every process of a distributed run takes process 0's name: one run, one directory.
         name = parallel.broadcast_text(config.name or default_run_name(config.dataset))
@@ -200,7 +200,7 @@ def require_disk_space(
         ) from None
 
 
-def describe_environment() -> dict[str, Any]:
+def describe_environment(config: Config) -> dict[str, Any]:
     import flax
     import jax
     import optax
@@ -214,8 +214,19 @@ def describe_environment() -> dict[str, Any]:
         "optax": optax.__version__,
         "python": platform.python_version(),
         **parallel.describe_devices(),
+        "execution": describe_execution(config),
         "git_commit": _git_commit(),
         "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def describe_execution(config: Config) -> dict[str, Any]:
+    """How this backend runs `config`'s training (the per-backend choices of its 0 = auto
+    fields): steps per compiled call and examples per pass through the convolutions."""
+    backend = parallel.backend()
+    return {
+        "steps_per_call": config.steps_per_call or default_steps_per_call(backend),
+        "conv_chunk": conv_chunk(config, backend) or config.batch_size,
     }
 
 

@@ -29,6 +29,29 @@ def default_steps_per_call(backend: str) -> int:
     return 1 if backend == "cpu" else 50
 
 
+CONV_CHUNK_CPU = 8
+MAX_CONV_CHUNKS = 32
+
+
+def conv_chunk(config: Config, backend: str) -> int | None:
+    """Examples per pass through the convolutions in a train step (None: the whole batch).
+
+    Measured on a 2-core CPU: the classic CNN's train step at batch 128 ran ~2x faster in
+    chunks of 4 or 8 examples (16: 1.4x), whose activations stay in the caches; the 16/16-channel
+    model of fast.toml (batch 64) was as fast either way. On GPU/TPU chunks only serialise the
+    work. Batch normalisation needs the whole batch. Auto on CPU: the
+    smallest divisor of the batch from 8 up that keeps the unrolled chunks at most 32."""
+    batch = config.batch_size
+    if config.conv_chunk:
+        return config.conv_chunk if config.conv_chunk < batch else None
+    if backend != "cpu" or config.norm == "batch":
+        return None
+    for size in range(CONV_CHUNK_CPU, batch):
+        if batch % size == 0 and batch // size <= MAX_CONV_CHUNKS:
+            return size
+    return None
+
+
 def checkpoint_bytes(config: Config, spec: Any) -> int:
     """The size of one checkpoint of this config's training (state and sums), computed from
     shapes alone."""
@@ -72,7 +95,8 @@ class Trainer:
         self.num_train = len(dataset.train.labels)
         self.steps_per_epoch = self.num_train // config.batch_size
         self.total_steps = self.steps_per_epoch * config.epochs
-        self.steps = steps.build(config, dataset.spec, self.total_steps)
+        self.conv_chunk = conv_chunk(config, parallel.backend())
+        self.steps = steps.build(config, dataset.spec, self.total_steps, self.conv_chunk)
         k = config.steps_per_call or default_steps_per_call(parallel.backend())
         self.steps_per_call = min(k, self.steps_per_epoch)
         self.step = 0

@@ -74,6 +74,12 @@ def test_the_baseline_is_the_classic_recipe():
         ({"batch_size": "big"}, "batch_size must be int"),
         ({"name": "a/b"}, "name must be a plain directory name"),
         ({"learning_rate": 0.1}, "unknown config key 'learning_rate'"),
+        ({"conv_chunk": -1}, "conv_chunk must be 0 (auto) or positive, got -1"),
+        (
+            {"conv_chunk": 12},
+            "conv_chunk 12 does not divide batch_size 128; use a divisor (2, 4, 8, 16, 32, 64)",
+        ),
+        ({"conv_chunk": 8, "norm": "batch"}, "conv_chunk cannot split the batch with norm batch"),
     ],
 )
 def test_invalid_values_are_rejected_with_a_clear_message(changes, message):
@@ -116,3 +122,26 @@ def test_field_types_drive_coercion():
     assert config.wandb_tags == ("x", "2") and config.conv_features == (4, 8)
     with pytest.raises(UserError, match="name must be str"):
         build_config({"name": 3})
+
+
+@pytest.mark.parametrize(
+    ("changes", "backend", "expected"),
+    [
+        ({}, "cpu", 8),  # batch 128: 16 chunks of 8
+        ({"batch_size": 64}, "cpu", 8),
+        ({"batch_size": 100}, "cpu", 10),  # 8 does not divide 100
+        ({"batch_size": 1024}, "cpu", 32),  # at most 32 chunks
+        ({"batch_size": 127}, "cpu", None),  # prime: no chunk from 8 up divides it
+        ({"batch_size": 8}, "cpu", None),  # nothing to cut
+        ({"norm": "batch"}, "cpu", None),  # its statistics are the whole batch's
+        ({"norm": "layer"}, "cpu", 8),
+        ({}, "gpu", None),
+        ({}, "tpu", None),
+        ({"conv_chunk": 16}, "gpu", 16),  # asked for: done everywhere
+        ({"conv_chunk": 128}, "cpu", None),  # the whole batch
+    ],
+)
+def test_the_convolution_chunk_is_chosen_per_backend(changes, backend, expected):
+    from mnist_jax.trainer import conv_chunk
+
+    assert conv_chunk(Config(**changes), backend) == expected

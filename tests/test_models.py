@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -156,3 +158,107 @@ def test_max_pooling_is_flaxs_max_pool(size):
     x = np.random.default_rng(1).standard_normal((3, size, size, 5)).astype(np.float32)
     expected = nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))
     np.testing.assert_array_equal(max_pool(x), expected)
+
+
+@pytest.mark.parametrize("size", [8, 7])
+def test_average_pooling_and_its_gradient_are_flaxs_and_numpys(size):
+    """The forward is `nnx.avg_pool`; the hand-written gradient equals JAX's gradient of
+    `nnx.avg_pool` and the numpy one: a quarter of each window's, 0 for a dropped odd edge."""
+    from mnist_jax.models.cnn import avg_pool
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, size, size, 5)).astype(np.float32)
+    np.testing.assert_array_equal(avg_pool(x), nnx.avg_pool(x, (2, 2), strides=(2, 2)))
+    g = rng.standard_normal((3, size // 2, size // 2, 5)).astype(np.float32)
+    ours = jax.vjp(avg_pool, x)[1](g)[0]
+    flax = jax.vjp(lambda v: nnx.avg_pool(v, (2, 2), strides=(2, 2)), x)[1](g)[0]
+    np.testing.assert_allclose(ours, flax, rtol=1e-6, atol=1e-7)
+    by_hand = np.zeros_like(x)
+    h = size // 2 * 2
+    for di in (0, 1):
+        for dj in (0, 1):
+            by_hand[:, di:h:2, dj:h:2] = g / 4
+    np.testing.assert_array_equal(ours, by_hand)
+
+
+def test_chunks_are_put_back_in_batch_order():
+    """Each example comes back where it was, whatever chunk it went through."""
+    from mnist_jax.models.cnn import in_chunks
+
+    x = np.arange(24 * 3, dtype=np.float32).reshape(24, 3)
+    seen = []
+
+    def per_example(chunk):
+        seen.append(np.asarray(chunk[:, 0] // 3, int).tolist())
+        return chunk * 2 + 1
+
+    np.testing.assert_array_equal(in_chunks(per_example, x, 6), x * 2 + 1)
+    assert len(seen) == 4 and all(len(c) == 6 for c in seen)
+    assert sorted(sum(seen, [])) == list(range(24))  # every example in exactly one chunk
+    with pytest.raises(ValueError, match="a chunk of 5 does not divide the batch of 24"):
+        in_chunks(per_example, x, 5)
+
+
+def loss_and_grads(model, images, labels, conv_chunk):
+    graphdef, params = nnx.split(model, nnx.Param)
+    return _loss_and_grads(graphdef, params, images, labels, conv_chunk)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _loss_and_grads(graphdef, params, images, labels, conv_chunk):
+    def loss(p):
+        logits = nnx.merge(graphdef, p)(images, train=True, conv_chunk=conv_chunk)
+        logp = jax.nn.log_softmax(logits)
+        return -logp[jnp.arange(len(labels)), labels].mean(), logits
+
+    (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return value, logits, grads
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        Config(conv_features=(8, 16), dense_features=32),
+        Config(
+            conv_features=(8, 8),
+            conv_kernels=(5, 3),
+            conv_padding="valid",
+            pool="max",
+            pool_first=True,
+            dense_features=32,
+            norm="layer",
+        ),
+    ],
+    ids=["classic-shape", "fast-shape-layernorm"],
+)
+def test_convolutions_in_chunks_are_the_same_model_and_gradients(config):
+    """Chunking changes how the batch goes through the convolutions, not the function: the
+    logits of every example and the gradient of every parameter equal the whole batch's (to
+    float32 summation order) and the mean of the per-example gradients."""
+    rng = np.random.default_rng(3)
+    images = rng.random((32, 28, 28, 1), dtype=np.float32)
+    labels = rng.integers(0, 10, 32)
+    model = models.create_model(config, MNIST, 0)
+    loss_whole, logits_whole, grads_whole = loss_and_grads(model, images, labels, None)
+    for chunk in (4, 8, 16):
+        loss_c, logits_c, grads_c = loss_and_grads(model, images, labels, chunk)
+        np.testing.assert_allclose(logits_c, logits_whole, rtol=1e-5, atol=1e-6)
+        assert float(loss_c) == pytest.approx(float(loss_whole), rel=1e-6)
+        for got, want in zip(jax.tree.leaves(grads_c), jax.tree.leaves(grads_whole), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    # the definition, example by example: the mean loss's gradient is the mean of the
+    # per-example gradients, each computed alone (a batch of one, nothing to chunk)
+    per_example = [
+        loss_and_grads(model, images[i : i + 1], labels[i : i + 1], None)[2] for i in range(32)
+    ]
+    mean = jax.tree.map(lambda *g: np.mean(np.stack(g), axis=0), *per_example)
+    for got, want in zip(jax.tree.leaves(grads_c), jax.tree.leaves(mean), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_batch_normalisation_is_never_chunked():
+    config = Config(conv_features=(4,), dense_features=8, norm="batch")
+    model = models.create_model(config, MNIST, 0)
+    images = np.zeros((8, 28, 28, 1), np.float32)
+    with pytest.raises(ValueError, match="batch normalisation needs the whole batch"):
+        model(images, train=True, conv_chunk=4)

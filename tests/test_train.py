@@ -122,6 +122,11 @@ def test_fit_writes_the_run_record(tiny):
     assert saved["environment"]["device_count"] >= 1
     for key in ("jax", "flax", "optax", "device_kind", "git_commit"):
         assert key in saved["environment"]
+    # the per-backend choices the config left at 0 (auto), as this backend made them
+    execution = saved["environment"]["execution"]
+    backend = jax.default_backend()
+    assert execution["steps_per_call"] == (1 if backend == "cpu" else 50)
+    assert execution["conv_chunk"] == (8 if backend == "cpu" else config.batch_size)
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epoch_events = [e for e in events if "test/accuracy" in e]
     assert [e["epoch"] for e in epoch_events] == [1, 2]

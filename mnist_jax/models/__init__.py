@@ -1,8 +1,9 @@
 """Models by name: `--model cnn` picks `CNN`; a new model is a module here and one registry line.
 
 Every model is an `nnx.Module` built as `Model(spec, config, rngs=...)` for a dataset spec (image
-shape, classes) and called as `model(images_BxHxWxC, train=..., dropout_key=..., dropout_rate=...)`
-(the rate, when given, overrides the config's: a traced value in a sweep). Each one
+shape, classes) and called as `model(images_BxHxWxC, train=..., dropout_key=..., dropout_rate=...,
+conv_chunk=...)` (the rate, when given, overrides the config's: a traced value in a sweep; the
+chunk, when given, is how many examples pass through the convolutions at once). Each one
 describes itself (`describe`): its layers with output shapes, parameter counts and FLOPs per
 example, recorded in the run's config.json so runs of different models can be compared.
 """

@@ -39,6 +39,7 @@ from mnist_jax.train import (
     abort,
     announce_backend,
     describe_environment,
+    describe_execution,
     listening,
     load_data,
     require_disk_space,
@@ -115,7 +116,7 @@ def run_sweep(
     pending = _pending(sweep, resume)
     require_disk_space(first, dataset, sweep.directory, runs=len(pending))
     _create_or_check(sweep, resume)
-    environment = describe_environment()
+    environment = describe_environment(first)
     batches = plan(pending, width)
     print(
         f"sweep {sweep.name}: {len(pending)} of {len(sweep.trials)} trials to train, "
@@ -248,7 +249,7 @@ def run_batch(
                 config.runs_dir,
                 config.name,
                 config.to_dict(),
-                environment,
+                {**environment, "execution": describe_execution(config)},
                 described[_structure_key(config)],
             )
             held.enter_context(record.writer_lock())
