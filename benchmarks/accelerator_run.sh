@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Everything a session on a GPU/TPU machine measures, in one run, each step under its own
+# timeout so that one slow step cannot eat the others' time:
+#
+#   bash benchmarks/accelerator_run.sh OUT_DIR [DATA_DIR]
+#
+# OUT_DIR receives env.txt (devices, versions), suite.txt (the quick tests), speed.txt /
+# speed.json (bench_speed: Trainer vs the Flax-style loop, fast.toml's 3 seeds cold and warm,
+# evaluation), sweep.txt / sweep.json (bench_sweep on full MNIST). DATA_DIR (or
+# $MNIST_JAX_DATA_DIR) holds the four MNIST IDX files. Scale the steps with the variables below;
+# the defaults add up to at most 9.5 minutes.
+set -u
+out=${1:?usage: bash benchmarks/accelerator_run.sh OUT_DIR [DATA_DIR]}
+data=${2:-${MNIST_JAX_DATA_DIR:?give DATA_DIR or set MNIST_JAX_DATA_DIR}}
+export MNIST_JAX_DATA_DIR=$data WANDB_MODE=offline WANDB_SILENT=true
+SUITE_S=${SUITE_S:-120} SPEED_S=${SPEED_S:-240} SWEEP_S=${SWEEP_S:-150}
+mkdir -p "$out"
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here" || exit 1
+
+step() {  # step NAME SECONDS COMMAND...: runs it, keeps its output and exit status
+  local name=$1 seconds=$2
+  shift 2
+  echo "== $name (at most ${seconds}s): $*"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$seconds" "$@" >"$out/$name.txt" 2>&1
+  local rc=$?
+  echo "$name: exit $rc after $((SECONDS - t0)) s" | tee -a "$out/steps.txt"
+  tail -n 25 "$out/$name.txt"
+  echo
+}
+
+result() {  # result NAME: the benchmark's JSON, only when this run wrote it
+  rm -f "benchmarks/results/$1.json"
+}
+
+step env 30 python -c "import jax, flax, optax, platform; print(platform.node(), jax.devices(), \
+jax.__version__, flax.__version__, optax.__version__)"
+step suite "$SUITE_S" python -m pytest -q -m "not slow" -p no:cacheprovider
+result speed
+step speed "$SPEED_S" python benchmarks/bench_speed.py --data-dir "$data"
+cp benchmarks/results/speed.json "$out/" 2>/dev/null
+result sweep
+step sweep "$SWEEP_S" python benchmarks/bench_sweep.py --train-examples 60000 --test-examples 10000
+cp benchmarks/results/sweep.json "$out/" 2>/dev/null
+exit 0
