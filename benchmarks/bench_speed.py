@@ -36,12 +36,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from common import machine
+from common import machine, write_results
 from flax import nnx
 
 from mnist_jax import data, models, steps
 from mnist_jax.config import Config, config_from
-from mnist_jax.files import write_json_atomic
 from mnist_jax.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -347,8 +346,8 @@ def main() -> None:
             **eval_seconds(fast, dataset, args.eval_repeats),
         }
     print_table(results)
-    write_json_atomic(RESULTS, results)
-    print(f"\nwrote {RESULTS.relative_to(REPO)}")
+    print()
+    write_results(RESULTS, **{k: v for k, v in results.items() if k != "machine"})
 
 
 if __name__ == "__main__":

@@ -123,10 +123,6 @@ def initialize_distributed(
     atexit.register(_skip_shutdown_after_peer_loss)  # runs before JAX's own exit handler
 
 
-def process_index() -> int:
-    return jax.process_index()
-
-
 def is_main_process() -> bool:
     """Whether this process writes what the run writes once (the record, W&B)."""
     return jax.process_index() == 0

@@ -116,13 +116,10 @@ class Hyper(NamedTuple):
         return jax.tree.map(lambda *xs: np.stack(xs), *(Hyper.of(c) for c in configs))
 
 
-VALUE_FIELDS = Hyper._fields
-
-
 def structure(config: Config) -> dict[str, Any]:
     """What the compiled programs of `config` depend on besides `Hyper`'s values: configs with
     equal structures train as one program. A value field keeps only whether its term exists."""
-    shape = {k: v for k, v in config.to_dict().items() if k not in VALUE_FIELDS}
+    shape = {k: v for k, v in config.to_dict().items() if k not in Hyper._fields}
     shape.update(
         grad_clip=config.grad_clip > 0,
         weight_decay=config.weight_decay > 0 and config.optimizer != "adamw",

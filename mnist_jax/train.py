@@ -29,7 +29,7 @@ from mnist_jax.errors import UserError
 from mnist_jax.files import atomic_write, storage_problem, write_json_atomic
 from mnist_jax.record import FollowerRecord, RunRecord, default_run_name
 from mnist_jax.signals import StopRequest, stop_on_signals
-from mnist_jax.trainer import Trainer, checkpoint_bytes, conv_chunk, default_steps_per_call
+from mnist_jax.trainer import Trainer, checkpoint_bytes, describe_execution
 from mnist_jax.writers import MultiWriter, TestResults, Writer
 from mnist_jax.writers.progress import Progress
 from mnist_jax.writers.record import RecordWriter
@@ -214,19 +214,9 @@ def describe_environment(config: Config) -> dict[str, Any]:
         "optax": optax.__version__,
         "python": platform.python_version(),
         **parallel.describe_devices(),
-        "execution": describe_execution(config),
+        "execution": describe_execution(config, parallel.backend()),
         "git_commit": _git_commit(),
         "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def describe_execution(config: Config) -> dict[str, Any]:
-    """How this backend runs `config`'s training (the per-backend choices of its 0 = auto
-    fields): steps per compiled call and examples per pass through the convolutions."""
-    backend = parallel.backend()
-    return {
-        "steps_per_call": config.steps_per_call or default_steps_per_call(backend),
-        "conv_chunk": conv_chunk(config, backend) or config.batch_size,
     }
 
 

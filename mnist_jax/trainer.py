@@ -23,10 +23,11 @@ from mnist_jax import checkpoint, parallel, steps
 from mnist_jax.config import Config
 
 
-def default_steps_per_call(backend: str) -> int:
-    """Measured: on XLA:CPU one step per call is fastest (a scanned convolution gradient is
-    ~25x slower there); on GPU/TPU per-call dispatch dominates, so scan many steps per call."""
-    return 1 if backend == "cpu" else 50
+def steps_per_call(config: Config, backend: str) -> int:
+    """Training steps per compiled call (at most: a call never runs past an epoch's end).
+    Measured: on XLA:CPU one step per call is fastest (a scanned convolution gradient is ~25x
+    slower there); on GPU/TPU per-call dispatch dominates, so scan many steps per call."""
+    return config.steps_per_call or (1 if backend == "cpu" else 50)
 
 
 CONV_CHUNK_CPU = 8
@@ -39,8 +40,8 @@ def conv_chunk(config: Config, backend: str) -> int | None:
     Measured on a 2-core CPU: the classic CNN's train step at batch 128 ran ~2x faster in
     chunks of 4 or 8 examples (16: 1.4x), whose activations stay in the caches; the 16/16-channel
     model of fast.toml (batch 64) was as fast either way. On GPU/TPU chunks only serialise the
-    work. Batch normalisation needs the whole batch. Auto on CPU: the
-    smallest divisor of the batch from 8 up that keeps the unrolled chunks at most 32."""
+    work. Batch normalisation needs the whole batch. Auto on CPU: the smallest divisor of the
+    batch from 8 up that keeps the unrolled chunks at most 32."""
     batch = config.batch_size
     if config.conv_chunk:
         return config.conv_chunk if config.conv_chunk < batch else None
@@ -50,6 +51,14 @@ def conv_chunk(config: Config, backend: str) -> int | None:
         if batch % size == 0 and batch // size <= MAX_CONV_CHUNKS:
             return size
     return None
+
+
+def describe_execution(config: Config, backend: str) -> dict[str, int]:
+    """What `backend` makes of `config`'s 0 = auto execution fields, for the run record."""
+    return {
+        "steps_per_call": steps_per_call(config, backend),
+        "conv_chunk": conv_chunk(config, backend) or config.batch_size,
+    }
 
 
 def checkpoint_bytes(config: Config, spec: Any) -> int:
@@ -95,10 +104,10 @@ class Trainer:
         self.num_train = len(dataset.train.labels)
         self.steps_per_epoch = self.num_train // config.batch_size
         self.total_steps = self.steps_per_epoch * config.epochs
-        self.conv_chunk = conv_chunk(config, parallel.backend())
+        backend = parallel.backend()
+        self.conv_chunk = conv_chunk(config, backend)
         self.steps = steps.build(config, dataset.spec, self.total_steps, self.conv_chunk)
-        k = config.steps_per_call or default_steps_per_call(parallel.backend())
-        self.steps_per_call = min(k, self.steps_per_epoch)
+        self.steps_per_call = min(steps_per_call(config, backend), self.steps_per_epoch)
         self.step = 0
         t0 = time.perf_counter()
         self.train_images, self.train_labels = parallel.place(

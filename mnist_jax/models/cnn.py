@@ -140,7 +140,10 @@ def max_pool(x_BxHxWxC: jax.Array) -> jax.Array:
     `nnx.max_pool`): the same values, but its gradient is a cheap comparison where XLA:CPU's
     select-and-scatter (the gradient of `nnx.max_pool`) was measured 10x slower, a third of the
     whole train step of a small CNN."""
-    return _windows(x_BxHxWxC).max(axis=(2, 4))
+    b, h, w, c = x_BxHxWxC.shape
+    h, w = h // POOL * POOL, w // POOL * POOL
+    x = x_BxHxWxC[:, :h, :w].reshape(b, h // POOL, POOL, w // POOL, POOL, c)
+    return x.max(axis=(2, 4))
 
 
 @jax.custom_vjp
@@ -168,13 +171,6 @@ def _avg_pool_backward(shape: tuple[int, ...], g_BxPxQxC: jax.Array) -> tuple[ja
 
 
 avg_pool.defvjp(_avg_pool_forward, _avg_pool_backward)
-
-
-def _windows(x_BxHxWxC: jax.Array) -> jax.Array:
-    """The 2x2 pooling windows as axes 2 and 4 (an odd last row or column dropped)."""
-    b, h, w, c = x_BxHxWxC.shape
-    h, w = h // POOL * POOL, w // POOL * POOL
-    return x_BxHxWxC[:, :h, :w].reshape(b, h // POOL, POOL, w // POOL, POOL, c)
 
 
 def kernel_sizes(config: Config) -> tuple[int, ...]:

@@ -39,14 +39,13 @@ from mnist_jax.train import (
     abort,
     announce_backend,
     describe_environment,
-    describe_execution,
     listening,
     load_data,
     require_disk_space,
     resume_flags,
     start_backend,
 )
-from mnist_jax.trainer import Trainer
+from mnist_jax.trainer import Trainer, describe_execution
 from mnist_jax.writers.progress import TEST_ACCURACY, Progress
 
 ACCELERATOR_PARALLEL = 16  # trials mapped at once on a GPU/TPU unless --max-parallel says
@@ -249,7 +248,7 @@ def run_batch(
                 config.runs_dir,
                 config.name,
                 config.to_dict(),
-                {**environment, "execution": describe_execution(config)},
+                {**environment, "execution": describe_execution(config, parallel.backend())},
                 described[_structure_key(config)],
             )
             held.enter_context(record.writer_lock())
