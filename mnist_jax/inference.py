@@ -45,7 +45,8 @@ def restore_run(run_dir: str | Path, overrides: dict[str, Any] | None = None) ->
     class_names = spec.class_names
     built = steps.build(config, spec, total_steps=1)
     seed = np.uint32(config.seed)
-    template = {"state": parallel.compile(built.init, seed)(seed), "sums": steps.Sums.zeros()}
+    initial = parallel.compile(built.init, seed, once=True)(seed)
+    template = {"state": initial, "sums": steps.Sums.zeros()}
     problems = []
     if record.checkpoints_dir.is_dir():
         checkpoints = Checkpoints(record.checkpoints_dir, read_only=True)

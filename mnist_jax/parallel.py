@@ -41,6 +41,9 @@ DETERMINISTIC_GPU_FLAGS = ("--xla_gpu_deterministic_ops=true", "--xla_gpu_autotu
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 BATCH_AXIS = "batch"
+_CPU_OPTIMIZATION_LEVEL = "xla_backend_optimization_level"
+CPU_LEVEL = 2
+CPU_LEVEL_ONCE = 1
 # Environment fallbacks of the multi-host flags (JAX's own JAX_COORDINATOR_ADDRESS works too).
 COORDINATOR_ENV = "MNIST_JAX_COORDINATOR"
 NUM_PROCESSES_ENV = "MNIST_JAX_NUM_PROCESSES"
@@ -390,17 +393,22 @@ def fetch(tree: Any) -> Any:
 
 
 def compile(  # noqa: A001 - the verb is the point
-    fn: Callable[..., Any], *example_args: Any, donate: Sequence[int] = ()
+    fn: Callable[..., Any], *example_args: Any, donate: Sequence[int] = (), once: bool = False
 ) -> Callable[..., Any]:
     """`fn` compiled now for the shapes (and placements) of `example_args`.
 
     `donate` names arguments whose buffers the result may reuse (the train state): the caller
-    must not touch them after the call. Over a mesh the program takes each argument as it is
-    placed (host values are replicated) and replicates every result: a value every process
-    can read, which is what training keeps (state, sums) and reports (evaluations).
+    must not touch them after the call. `once` marks a program a run calls once or a few times
+    (initialisation, a permutation per epoch): on the CPU its machine code is optimised less,
+    since compiling it would take longer than it ever runs. Over a mesh the program takes each
+    argument as it is placed (host values are replicated) and replicates every result: a value
+    every process can read, which is what training keeps (state, sums) and reports
+    (evaluations).
     """
+    options = compiler_options(once)
     if _mesh is None:
-        return jax.jit(fn, donate_argnums=tuple(donate)).lower(*example_args).compile()
+        jitted = jax.jit(fn, donate_argnums=tuple(donate))
+        return jitted.lower(*example_args).compile(compiler_options=options)
     in_shardings = jax.tree.map(_sharding_of, example_args)
     compiled = (
         jax.jit(
@@ -410,7 +418,7 @@ def compile(  # noqa: A001 - the verb is the point
             donate_argnums=tuple(donate),
         )
         .lower(*example_args)
-        .compile()
+        .compile(compiler_options=options)
     )
 
     def call(*args: Any) -> Any:
@@ -419,6 +427,20 @@ def compile(  # noqa: A001 - the verb is the point
         return compiled(*(place(a) if isinstance(a, _HOST_SCALARS) else a for a in args))
 
     return call
+
+
+def compiler_options(once: bool = False) -> dict[str, Any] | None:
+    """XLA options for a program `compile` builds (None: XLA's defaults).
+
+    On the CPU, LLVM's optimisation level: measured on 2 cores, level 1 compiles model
+    initialisation ~3x faster than the default 3 (0.4 s against 1.3-1.5 s), level 2 a train
+    step ~15% faster, and both give the same bits as level 3 with no measurable loss in speed
+    (the convolutions and matrix products are library calls, which LLVM does not compile).
+    Other backends keep their defaults, which nothing here has measured against.
+    """
+    if backend() != "cpu":
+        return None
+    return {_CPU_OPTIMIZATION_LEVEL: CPU_LEVEL_ONCE if once else CPU_LEVEL}
 
 
 def _sharding_of(x: Any) -> NamedSharding:

@@ -172,9 +172,9 @@ class Trainer:
         example = (state, sums, self.train_images, self.train_labels, order, index)
         example += (self.hyper, self.active)
         return Programs(
-            init=parallel.compile(init, seed),
-            permutation=parallel.compile(permute, seed, epoch),
-            learning_rate=parallel.compile(rate, np.int32(0), self.hyper.lr),
+            init=parallel.compile(init, seed, once=True),
+            permutation=parallel.compile(permute, seed, epoch, once=True),
+            learning_rate=parallel.compile(rate, np.int32(0), self.hyper.lr, once=True),
             chunks={
                 k: parallel.compile(chunk(k), *example, donate=(0, 1))
                 for k in {self.steps_per_call, 1}

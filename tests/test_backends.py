@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from mnist_jax import parallel, train
@@ -62,6 +64,32 @@ def test_a_run_warns_when_jax_runs_on_the_cpu_beside_an_accelerator(
     with pytest.warns(UserWarning, match="JAX is running on the CPU, but an NVIDIA GPU"):
         assert train.fit(tiny_config(tmp_path, name="hint", epochs=1)) == 0
     assert capsys.readouterr().out.startswith(f"backend: {parallel.backend()}, ")
+
+
+def test_programs_compiled_for_compile_speed_compute_xlas_default_bits(tiny_config, tmp_path):
+    """On the CPU the run-once programs are compiled at a lower LLVM level, the rest one below
+    the default: initialisation, training and evaluation give the bits XLA's defaults give."""
+    from mnist_jax import data
+    from mnist_jax.trainer import Trainer
+
+    if parallel.backend() == "cpu":
+        assert parallel.compiler_options(once=True) != parallel.compiler_options() is not None
+    config = tiny_config(tmp_path, epochs=1)
+    dataset = data.load_dataset("mnist", config.data_dir)
+
+    def trained(options: object) -> list[np.ndarray]:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(parallel, "compiler_options", options)
+            trainer = Trainer(config, dataset)
+        initial = parallel.fetch(trainer.state)
+        trainer.run(trainer.steps_per_epoch)
+        evaluation = trainer.evaluate()
+        return [np.asarray(x) for x in jax.tree.leaves((initial, trainer.state, evaluation))]
+
+    fast, default = trained(parallel.compiler_options), trained(lambda once=False: None)
+    assert len(fast) == len(default)
+    for a, b in zip(fast, default, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def run_cli(*args: str, env: dict) -> dict:
