@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from common import machine, write_results
+from common import machine, train_command, write_results
 from flax import nnx
 
 from mnist_jax import data, models, steps
@@ -181,15 +179,6 @@ def fast_run(
         "total_seconds": summary["time/total_seconds"],
         "train_examples_per_sec": summary["train/examples_per_sec"],
     }
-
-
-def train_command() -> list[str]:
-    """The installed `mnist-jax` beside this Python, else the repository's cli.py."""
-    script = Path(sys.executable).with_name("mnist-jax")
-    if script.is_file():
-        return [str(script), "train"]
-    found = shutil.which("mnist-jax")
-    return [found, "train"] if found else [sys.executable, str(REPO / "cli.py"), "train"]
 
 
 def time_to_accuracy(

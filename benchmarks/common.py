@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,8 @@ import flax
 import jax
 import numpy as np
 import optax
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def machine() -> dict[str, Any]:
@@ -42,3 +46,12 @@ def write_results(path: Path, **figures: Any) -> None:
 
     write_json_atomic(path, {"machine": machine(), **figures})
     print(f"wrote {path}")
+
+
+def train_command() -> list[str]:
+    """The installed `mnist-jax train` beside this Python, else the repository's cli.py."""
+    script = Path(sys.executable).with_name("mnist-jax")
+    if script.is_file():
+        return [str(script), "train"]
+    found = shutil.which("mnist-jax")
+    return [found, "train"] if found else [sys.executable, str(REPO / "cli.py"), "train"]
