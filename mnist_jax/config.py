@@ -35,6 +35,11 @@ SWEEP_SECTIONS = {"grid", "zip", "random"}  # what makes a TOML file a sweep spe
 # Where this process computes, not what is trained: every start (and every process) gives its
 # own, and a resumed run does not inherit them from the saved config.
 PLACEMENT_FIELDS = ("devices", "distributed", "coordinator", "num_processes", "process_id")
+# Where the data and the record are, and how the run is reported: nothing that is computed.
+RECORD_FIELDS = (
+    "data_dir", "source", "runs_dir", "name", "wandb", "wandb_project", "wandb_entity",
+    "wandb_tags", "wandb_group", "wandb_notes", "tensorboard", "log_every",
+)  # fmt: skip
 
 
 def option(

@@ -72,7 +72,7 @@ def fit(config: Config, stop: StopRequest | None = None) -> int:
             require_tensorboardx()
         require_disk_space(config, dataset, config.runs_dir)
         announce_backend(config)
-        environment = describe_environment(config)
+        environment = describe_environment(config, len(dataset.train.labels))
         stop.raise_if_requested()  # Ctrl-C before the run exists: nothing to record
         # Every process of a distributed run takes process 0's name: one run, one directory.
         name = parallel.broadcast_text(config.name or default_run_name(config.dataset))
@@ -200,7 +200,7 @@ def require_disk_space(
         ) from None
 
 
-def describe_environment(config: Config) -> dict[str, Any]:
+def describe_environment(config: Config, num_train: int) -> dict[str, Any]:
     import flax
     import jax
     import optax
@@ -214,7 +214,7 @@ def describe_environment(config: Config) -> dict[str, Any]:
         "optax": optax.__version__,
         "python": platform.python_version(),
         **parallel.describe_devices(),
-        "execution": describe_execution(config, parallel.backend()),
+        "execution": describe_execution(config, parallel.backend(), num_train),
         "git_commit": _git_commit(),
         "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -313,6 +313,7 @@ class Clock:
 
     seconds_before: float = 0.0  # wall time of earlier segments
     train_seconds: float = 0.0
+    eval_seconds: float = 0.0  # evaluations of the test split, results on the host
     started: float = dataclasses.field(default_factory=time.perf_counter)
     mark_time: float = 0.0
     mark_step: int = 0
@@ -346,6 +347,7 @@ class Clock:
             "step": step,
             metrics.COMPILE_SECONDS: compile_seconds,
             metrics.TRAIN_SECONDS: seconds,
+            metrics.EVAL_SECONDS: self.eval_seconds,
             metrics.TOTAL_SECONDS: self.elapsed(),
             RATE: step * batch_size / seconds if seconds else None,
         }
@@ -391,6 +393,7 @@ class Loop:
         self.trainer.load(payload, int(meta["step"]))
         self.best_accuracy, self.best_step = meta["best_accuracy"], meta["best_step"]
         self.clock.train_seconds = meta.get("train_seconds", 0.0)
+        self.clock.eval_seconds = meta.get("eval_seconds", 0.0)
         self.clock.seconds_before = meta.get("elapsed_seconds", 0.0)
         self.record.truncate_events(self.trainer.step)
         print(f"resuming {self.record.dir} at step {self.trainer.step}", flush=True)
@@ -450,6 +453,7 @@ class Loop:
         totals = self.clock.totals(trainer.step, self.config.batch_size, trainer.compile_seconds)
         totals[metrics.COMPILED_PROGRAMS] = compiled["programs"]
         totals[metrics.COMPILE_CACHE_HITS] = compiled["cache_hits"]
+        totals[metrics.TRACED_PROGRAMS] = compiled["traced"]
         self.record.update_summary(status=status, message=message, **totals)
         self.checkpoints.close()
         self.writer.close(status, self.record.summary)
@@ -505,7 +509,9 @@ class Loop:
 
     def evaluate(self) -> dict[str, Any]:
         """The whole test split, every metric; keeps the outputs for the final record."""
+        t0 = time.perf_counter()
         self.last_eval = parallel.fetch(self.trainer.evaluate())
+        self.clock.eval_seconds += time.perf_counter() - t0
         sums = self.last_eval.sums
         loss = float(sums.loss_sum) / int(sums.count)
         return metrics.to_record("test", self.last_eval.summary, sums.confusion, loss)
@@ -519,6 +525,7 @@ class Loop:
             "best_accuracy": self.best_accuracy,
             "best_step": self.best_step,
             "train_seconds": self.clock.train_seconds,
+            "eval_seconds": self.clock.eval_seconds,
             "elapsed_seconds": self.clock.elapsed(),
         }
         self.checkpoints.save(kind, step, self.trainer.payload(), meta)

@@ -20,14 +20,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from mnist_jax import checkpoint, parallel, steps
-from mnist_jax.config import Config
+from mnist_jax.config import PLACEMENT_FIELDS, RECORD_FIELDS, Config
+
+STEPS_PER_CALL_ACCELERATOR = 50
 
 
-def steps_per_call(config: Config, backend: str) -> int:
-    """Training steps per compiled call (at most: a call never runs past an epoch's end).
-    Measured: on XLA:CPU one step per call is fastest (a scanned convolution gradient is ~25x
-    slower there); on GPU/TPU per-call dispatch dominates, so scan many steps per call."""
-    return config.steps_per_call or (1 if backend == "cpu" else 50)
+def steps_per_call(config: Config, backend: str, steps_per_epoch: int) -> int:
+    """Training steps per compiled call (never more than an epoch's: a call never runs past
+    an epoch's end). Measured: on XLA:CPU one step per call is fastest (a scanned convolution
+    gradient is ~25x slower there); on GPU/TPU per-call dispatch dominates, so scan many steps
+    per call: 50, or the largest divisor of the epoch from 25 to 50 where there is one, so that
+    every call runs a whole chunk and the one-step program is not compiled at all."""
+    if config.steps_per_call:
+        return min(config.steps_per_call, steps_per_epoch)
+    if backend == "cpu":
+        return 1
+    most = STEPS_PER_CALL_ACCELERATOR
+    divisors = [k for k in range(most, most // 2 - 1, -1) if steps_per_epoch % k == 0]
+    return divisors[0] if divisors else min(most, steps_per_epoch)
 
 
 CONV_CHUNK_CPU = 8
@@ -53,10 +63,11 @@ def conv_chunk(config: Config, backend: str) -> int | None:
     return None
 
 
-def describe_execution(config: Config, backend: str) -> dict[str, int]:
-    """What `backend` makes of `config`'s 0 = auto execution fields, for the run record."""
+def describe_execution(config: Config, backend: str, num_train: int) -> dict[str, int]:
+    """What `backend` makes of `config`'s 0 = auto execution fields for `num_train` training
+    images, for the run record."""
     return {
-        "steps_per_call": steps_per_call(config, backend),
+        "steps_per_call": steps_per_call(config, backend, num_train // config.batch_size),
         "conv_chunk": conv_chunk(config, backend) or config.batch_size,
     }
 
@@ -79,7 +90,9 @@ class Programs(NamedTuple):
     init: Any  # (seed) -> state
     permutation: Any  # (seed, epoch) -> the epoch's order
     learning_rate: Any  # (step, lr) -> rate
-    chunks: dict[int, Any]  # steps per call -> (state, sums, data, order, index, hyper, active)
+    # steps per call -> (state, sums, data, order, index, hyper, active); one step's program
+    # only where an epoch does not divide into whole chunks, or once a resumed run needs it
+    chunks: dict[int, Any]
     evaluate: Any  # (state, test) -> Evaluation
 
 
@@ -101,13 +114,14 @@ class Trainer:
     ) -> None:
         self.config = config
         self.trials = None if trials is None else len(trials)
+        self.spec = dataset.spec
         self.num_train = len(dataset.train.labels)
         self.steps_per_epoch = self.num_train // config.batch_size
         self.total_steps = self.steps_per_epoch * config.epochs
         backend = parallel.backend()
         self.conv_chunk = conv_chunk(config, backend)
         self.steps = steps.build(config, dataset.spec, self.total_steps, self.conv_chunk)
-        self.steps_per_call = min(steps_per_call(config, backend), self.steps_per_epoch)
+        self.steps_per_call = steps_per_call(config, backend, self.steps_per_epoch)
         self.step = 0
         t0 = time.perf_counter()
         self.train_images, self.train_labels = parallel.place(
@@ -123,6 +137,8 @@ class Trainer:
         hyper = steps.Hyper.of(config) if trials is None else steps.Hyper.stack(trials)
         self.hyper = parallel.place(hyper)
         self.active = parallel.place(self._stacked(np.bool_(True)))
+        self._key = self._program_key(test.num_examples)
+        self._state_shapes = None
         self.programs = programs or self._compile(test.num_examples)
         self.state = self.programs.init(self.hyper.seed)
         self.sums = parallel.place(self._stacked(steps.Sums.zeros()))
@@ -144,43 +160,79 @@ class Trainer:
         return mapped
 
     def _compile(self, num_test: int) -> Programs:
+        rate = self._mapped(self.steps.schedule, (None, 0))
+        evaluate = self._mapped(steps.evaluate(self.steps, num_test), (0, None))
+        seed, epoch = self.hyper.seed, np.int32(0)
+        sizes = {self.steps_per_call}
+        if self.steps_per_epoch % self.steps_per_call:
+            sizes.add(1)  # the rest of every epoch
+        return Programs(
+            init=self._compiled(self._init, lambda: (seed,), once=True),
+            permutation=self._compiled(self._permute, lambda: (seed, epoch), once=True),
+            learning_rate=self._compiled(rate, lambda: (np.int32(0), self.hyper.lr), once=True),
+            chunks={k: self._compile_chunk(k) for k in sorted(sizes, reverse=True)},
+            evaluate=self._compiled(evaluate, lambda: (self._state_shape(), self.test)),
+        )
+
+    @functools.cached_property
+    def _init(self) -> Any:
+        return self._mapped(self.steps.init, (0,))
+
+    @functools.cached_property
+    def _permute(self) -> Any:
         def permutation(seed: jax.Array, epoch: jax.Array) -> jax.Array:
             return steps.epoch_permutation(seed, epoch, self.num_train)
 
-        def chunk(k: int) -> Any:
-            fn = steps.train_chunk(self.steps, k, parallel.shard_batch)
-            run = self._mapped(fn, (0, 0, None, None, 0, None, 0))
+        return self._mapped(permutation, (0, None))
 
-            def train_chunk(state, sums, images, labels, order, index, hyper, active):
-                new = run(state, sums, images, labels, order, index, hyper)
-                if self.trials is None:  # a single run stops as a whole instead
-                    return new
-                # A trial no longer active (its loss turned non-finite) keeps its state.
-                return jax.tree.map(functools.partial(_where, active), new, (state, sums))
+    def _state_shape(self) -> Any:
+        """The train state's shapes; traced only when a program that takes it is not kept."""
+        if self._state_shapes is None:
+            self._state_shapes = jax.eval_shape(self._init, self.hyper.seed)
+        return self._state_shapes
 
-            train_chunk.__name__ = f"train_chunk_{k}"
-            return train_chunk
+    def _compiled(self, fn: Any, example_args: Any, **options: Any) -> Any:
+        return parallel.compile_program(fn, example_args, key=self._key, **options)
 
-        init = self._mapped(self.steps.init, (0,))
-        permute = self._mapped(permutation, (0, None))
-        rate = self._mapped(self.steps.schedule, (None, 0))
-        evaluate = self._mapped(steps.evaluate(self.steps, num_test), (0, None))
-        seed, epoch, index = self.hyper.seed, np.int32(0), np.int32(0)
-        state = jax.eval_shape(init, seed)
-        order = jax.eval_shape(permute, seed, epoch)
-        sums = self._stacked(steps.Sums.zeros())
-        example = (state, sums, self.train_images, self.train_labels, order, index)
-        example += (self.hyper, self.active)
-        return Programs(
-            init=parallel.compile(init, seed, once=True),
-            permutation=parallel.compile(permute, seed, epoch, once=True),
-            learning_rate=parallel.compile(rate, np.int32(0), self.hyper.lr, once=True),
-            chunks={
-                k: parallel.compile(chunk(k), *example, donate=(0, 1))
-                for k in {self.steps_per_call, 1}
-            },
-            evaluate=parallel.compile(evaluate, state, self.test),
-        )
+    def _compile_chunk(self, k: int) -> Any:
+        """The program of k train steps per call."""
+        fn = steps.train_chunk(self.steps, k, parallel.shard_batch)
+        run = self._mapped(fn, (0, 0, None, None, 0, None, 0))
+
+        def train_chunk(state, sums, images, labels, order, index, hyper, active):
+            new = run(state, sums, images, labels, order, index, hyper)
+            if self.trials is None:  # a single run stops as a whole instead
+                return new
+            # A trial no longer active (its loss turned non-finite) keeps its state.
+            return jax.tree.map(functools.partial(_where, active), new, (state, sums))
+
+        train_chunk.__name__ = f"train_chunk_{k}"
+
+        def example() -> tuple[Any, ...]:
+            order = jax.eval_shape(self._permute, self.hyper.seed, np.int32(0))
+            sums = self._stacked(steps.Sums.zeros())
+            data = (self.train_images, self.train_labels, order, np.int32(0))
+            return (self._state_shape(), sums, *data, self.hyper, self.active)
+
+        return self._compiled(train_chunk, example, donate=(0, 1))
+
+    def _program_key(self, num_test: int) -> dict[str, Any]:
+        """What this trainer's programs depend on besides the code, the devices and XLA's
+        options (`parallel.compile_program` adds those): the config's structure (`Hyper`'s
+        values are arguments), the data's shapes and the execution choices."""
+        skipped = (*RECORD_FIELDS, *PLACEMENT_FIELDS)
+        structure = {k: v for k, v in steps.structure(self.config).items() if k not in skipped}
+        data = (self.train_images, self.train_labels, self.test, self.hyper, self.active)
+        return {
+            "structure": structure,
+            "spec": repr(self.spec),
+            "num_test": num_test,
+            "total_steps": self.total_steps,
+            "steps_per_call": self.steps_per_call,
+            "conv_chunk": self.conv_chunk,
+            "trials": self.trials,
+            "data": parallel.signature(data),
+        }
 
     @property
     def epoch(self) -> int:
@@ -194,12 +246,14 @@ class Trainer:
         """Trains `num_steps` steps (never past the end of the epoch); returns the new step.
 
         Whole chunks of `steps_per_call` steps run as one call each, the rest one step a call,
-        so that only two programs are ever compiled.
+        so that at most two train programs are ever compiled.
         """
         num_steps = min(num_steps, self.steps_left_in_epoch)
         permutation = self._epoch_permutation()
         while num_steps > 0:
             size = self.steps_per_call if num_steps >= self.steps_per_call else 1
+            if size not in self.programs.chunks:  # e.g. resumed between two whole chunks
+                self.programs.chunks[size] = self._compile_chunk(size)
             index = np.int32(self.step % self.steps_per_epoch)
             self.state, self.sums = self.programs.chunks[size](
                 self.state,

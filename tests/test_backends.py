@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -92,6 +93,134 @@ def test_programs_compiled_for_compile_speed_compute_xlas_default_bits(tiny_conf
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.fixture
+def kept_programs(tmp_path, monkeypatch):
+    """The directory `compile_program` keeps programs in, as a compilation cache makes it."""
+    directory = tmp_path / "programs"
+    monkeypatch.setattr(parallel, "_programs_dir", directory)
+    return directory
+
+
+def affine(params, x_NxD):
+    """A program with structured arguments and results, whose result numpy can check."""
+    return {"y": x_NxD @ params["w"] + params["b"], "n": jnp.sum(x_NxD > 0)}
+
+
+def affine_args():
+    rng = np.random.default_rng(0)
+    params = {"w": rng.normal(size=(5, 3)).astype(np.float32), "b": np.float32([1, 2, 3])}
+    return params, rng.normal(size=(7, 5)).astype(np.float32)
+
+
+def test_a_kept_program_is_reused_without_tracing_and_computes_the_same(kept_programs):
+    params, x = affine_args()
+    traced = []
+
+    def example_args():
+        traced.append(True)
+        return params, x
+
+    with parallel.count_compilations() as first_counts:
+        first = parallel.compile_program(affine, example_args, key={"width": 3})
+    assert traced == [True] and first_counts["traced"] == 1
+    assert [p.name.split("-")[0] for p in kept_programs.iterdir()] == ["affine"]
+
+    def must_not_trace():
+        raise AssertionError("a kept program was traced again")
+
+    with parallel.count_compilations() as counts:
+        again = parallel.compile_program(affine, must_not_trace, key={"width": 3})
+    assert counts["traced"] == 0
+    direct = parallel.compile(affine, params, x)
+    expected = x.astype(np.float64) @ params["w"] + params["b"]
+    for program in (first, again):
+        result = program(params, x)
+        np.testing.assert_allclose(result["y"], expected, rtol=1e-5)
+        assert int(result["n"]) == int(np.sum(x > 0))
+        np.testing.assert_array_equal(result["y"], direct(params, x)["y"])
+
+
+def test_a_program_is_traced_again_for_another_key_code_or_a_damaged_file(
+    kept_programs, monkeypatch
+):
+    params, x = affine_args()
+
+    def traces(key: dict) -> int:
+        with parallel.count_compilations() as counts:
+            program = parallel.compile_program(affine, lambda: (params, x), key=key)
+        np.testing.assert_allclose(program(params, x)["y"], x @ params["w"] + params["b"], 1e-5)
+        return counts["traced"]
+
+    assert traces({"width": 3}) == 1
+    assert traces({"width": 3}) == 0
+    assert traces({"width": 4}) == 1  # e.g. another config's structure
+    assert len(list(kept_programs.iterdir())) == 2
+    monkeypatch.setattr(parallel, "_source_digest", lambda: "the code changed")
+    assert traces({"width": 3}) == 1
+    for path in kept_programs.iterdir():
+        path.write_bytes(path.read_bytes()[:100])  # a run killed mid-write, a full disk
+    assert traces({"width": 3}) == 1
+    assert traces({"width": 3}) == 0  # written whole again
+
+
+def test_without_a_compilation_cache_nothing_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(parallel, "_programs_dir", None)
+    params, x = affine_args()
+    with parallel.count_compilations() as counts:
+        for _ in range(2):
+            program = parallel.compile_program(affine, lambda: (params, x), key={})
+    assert counts["traced"] == 2
+    np.testing.assert_allclose(program(params, x)["y"], x @ params["w"] + params["b"], 1e-5)
+
+
+def test_a_kept_program_still_donates_its_arguments(kept_programs):
+    def step(state, x):
+        return state + x
+
+    x = jnp.ones(4, jnp.float32)
+    for _ in range(2):  # exported, then kept
+        program = parallel.compile_program(
+            step, lambda: (jnp.zeros(4, jnp.float32), x), key={}, donate=(0,)
+        )
+        state = jnp.zeros(4, jnp.float32)
+        np.testing.assert_array_equal(program(state, x), np.ones(4))
+        assert state.is_deleted() and not x.is_deleted()
+
+
+def test_a_trainer_with_kept_programs_trains_to_the_bits_of_one_without(
+    tiny_config, tmp_path, kept_programs
+):
+    """The trainer's five programs are exported by the first trainer and loaded, untraced, by
+    the next; both train and evaluate as a trainer compiled directly does."""
+    from mnist_jax import data
+    from mnist_jax.trainer import Trainer
+
+    config = tiny_config(tmp_path, epochs=1)
+    dataset = data.load_dataset("mnist", config.data_dir)
+
+    def trained() -> tuple[list[np.ndarray], dict[str, int]]:
+        with parallel.count_compilations() as counts:
+            trainer = Trainer(config, dataset)
+        trainer.run(trainer.steps_per_epoch)
+        leaves = jax.tree.leaves((trainer.state, trainer.evaluate()))
+        return [np.asarray(x) for x in leaves], counts
+
+    exported, first = trained()
+    kept, second = trained()
+    assert first["traced"] == 5 and second["traced"] == 0
+    assert len(list(kept_programs.iterdir())) == 5
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(parallel, "_programs_dir", None)
+        direct, counts = trained()
+    assert counts["traced"] == 5
+    for a, b, c in zip(exported, kept, direct, strict=True):
+        np.testing.assert_array_equal(a, b)
+        if parallel.backend() == "cpu":  # deterministic: same program, same bits
+            np.testing.assert_array_equal(a, c)
+        else:
+            np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
+
+
 def run_cli(*args: str, env: dict) -> dict:
     result = subprocess.run(
         [sys.executable, "-m", "cli", *args],
@@ -126,6 +255,10 @@ def test_the_compilation_cache_makes_a_second_run_compile_nothing(tmp_path, mnis
     assert other_seed["compile/cache_hits"] == 5
     assert cold["compile/programs"] == 5 and cold["compile/cache_hits"] == 0
     assert warm["compile/programs"] == 5 and warm["compile/cache_hits"] == 5
+    assert (
+        cold["compile/traced"] == 5 and warm["compile/traced"] == other_seed["compile/traced"] == 0
+    )
+    assert len(list((cache / parallel.PROGRAMS_DIR).iterdir())) == 5
     assert any(cache.iterdir())
     keys = [k for k in cold if k.startswith(("test/", "train/loss"))]
     assert {k: warm[k] for k in keys} == {k: cold[k] for k in keys}

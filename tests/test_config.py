@@ -145,3 +145,25 @@ def test_the_convolution_chunk_is_chosen_per_backend(changes, backend, expected)
     from mnist_jax.trainer import conv_chunk
 
     assert conv_chunk(Config(**changes), backend) == expected
+
+
+@pytest.mark.parametrize(
+    ("steps_per_call", "backend", "steps_per_epoch", "expected"),
+    [
+        (0, "cpu", 234, 1),  # a scanned convolution gradient is slow on XLA:CPU
+        (0, "gpu", 234, 39),  # 6 calls an epoch, no step left over
+        (0, "tpu", 468, 39),  # 12 calls
+        (0, "gpu", 400, 50),  # 50 divides it
+        (0, "gpu", 937, 50),  # prime: 18 calls and 37 single steps
+        (0, "gpu", 8, 8),  # a short epoch in one call
+        (7, "cpu", 234, 7),  # asked for: done everywhere
+        (100, "gpu", 8, 8),  # never past an epoch
+    ],
+)
+def test_the_steps_per_call_are_chosen_per_backend(
+    steps_per_call, backend, steps_per_epoch, expected
+):
+    from mnist_jax.trainer import steps_per_call as chosen
+
+    config = Config(steps_per_call=steps_per_call)
+    assert chosen(config, backend, steps_per_epoch) == expected

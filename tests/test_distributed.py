@@ -125,12 +125,14 @@ def test_errors_are_not_lost_peers_outside_a_distributed_run():
 
 @pytest.mark.slow
 def test_sharded_and_unsharded_steps_agree(tmp_path):
-    """The same compiled train chunk and evaluation over 2 simulated CPU devices and over one.
+    """The same compiled train chunk and evaluation over 2 simulated CPU devices and over one,
+    and over 2 devices from programs exported and then kept (`parallel.compile_program`).
     XLA:CPU's simulated devices can deadlock in a collective on a busy machine (the classic CNN
     always did); this test-sized one has not, and gets a second try if it does."""
     script = tmp_path / "compare.py"
     script.write_text(
         "import json, sys\n"
+        "from pathlib import Path\n"
         "from mnist_jax import parallel\n"
         "from mnist_jax.config import Config\n"
         "from mnist_jax.train import load_data\n"
@@ -139,10 +141,13 @@ def test_sharded_and_unsharded_steps_agree(tmp_path):
         " train_examples=256, test_examples=100, conv_features=(8, 16), dense_features=32,"
         " batch_size=32, eval_batch_size=50, epochs=1, wandb='disabled')\n"
         "data, out = load_data(c), []\n"
-        "for devices in (None, 2):\n"
+        "for devices, kept in ((None, None), (2, None), (2, 'exported'), (2, 'kept')):\n"
         "    if devices:\n"
         "        parallel.use_devices(devices)\n"
-        "    t = Trainer(c, data)\n"
+        f"    parallel._programs_dir = kept and Path({str(tmp_path / 'programs')!r})\n"
+        "    with parallel.count_compilations() as counts:\n"
+        "        t = Trainer(c, data)\n"
+        "    assert counts['traced'] == (0 if kept == 'kept' else 5), counts\n"
         "    t.run(4)\n"
         "    e = parallel.fetch(t.evaluate())\n"
         "    s = parallel.fetch(t.take_interval())\n"
@@ -163,7 +168,9 @@ def test_sharded_and_unsharded_steps_agree(tmp_path):
     if done is None:
         pytest.fail("XLA:CPU's simulated devices deadlocked in a collective, twice")
     assert done.returncode == 0, done.stderr[-2000:]
-    one, two = json.loads(done.stdout.splitlines()[-1])
+    one, two, exported, kept = json.loads(done.stdout.splitlines()[-1])
+    assert exported == kept
+    np.testing.assert_allclose(exported[4], two[4], atol=1e-6)
     assert two[0] == pytest.approx(one[0], rel=1e-5)
     assert two[1] == one[1]  # confusion counts
     assert two[2] == pytest.approx(one[2], rel=1e-5)

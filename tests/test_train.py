@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnist_jax import data, steps, train
+from mnist_jax import data, parallel, steps, train
 from mnist_jax.checkpoint import Checkpoints
 from mnist_jax.config import Config
 from mnist_jax.writers.progress import Progress
@@ -93,6 +93,30 @@ def test_scanned_chunk_equals_single_steps(mnist):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_the_one_step_program_is_compiled_only_when_a_run_needs_it(tiny, mnist):
+    """An epoch of whole chunks needs no one-step program; a run resumed between two chunks
+    compiles it then, and goes on to the state of a run that never stopped."""
+    from mnist_jax.trainer import Trainer
+
+    dataset = data.subset(mnist, 512, 300)
+    whole = Trainer(tiny.replace(steps_per_call=4), dataset)  # 8 steps an epoch: 2 calls
+    assert set(whole.programs.chunks) == {4}
+    initial = parallel.fetch(whole.state)
+    whole.run(8)
+    assert set(whole.programs.chunks) == {4}
+
+    resumed = Trainer(tiny.replace(steps_per_call=4), dataset)
+    assert set(resumed.programs.chunks) == {4}
+    resumed.load({"state": initial, "sums": steps.Sums.zeros()}, step=0)
+    assert resumed.run(3) == 3  # three single steps
+    assert set(resumed.programs.chunks) == {4, 1}
+    assert resumed.run(5) == 8  # one chunk of 4, one single step
+    for a, b in zip(jax.tree.leaves(whole.state), jax.tree.leaves(resumed.state), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+    assert set(Trainer(tiny.replace(steps_per_call=3), dataset).programs.chunks) == {3, 1}
+
+
 def test_eval_counts_every_image_with_a_padded_last_batch(mnist):
     config = Config(conv_features=(4,), dense_features=8)
     built = steps.build(config, MNIST, total_steps=1)
@@ -125,7 +149,7 @@ def test_fit_writes_the_run_record(tiny):
     # the per-backend choices the config left at 0 (auto), as this backend made them
     execution = saved["environment"]["execution"]
     backend = jax.default_backend()
-    assert execution["steps_per_call"] == (1 if backend == "cpu" else 50)
+    assert execution["steps_per_call"] == (1 if backend == "cpu" else 8)  # a whole epoch
     assert execution["conv_chunk"] == (8 if backend == "cpu" else config.batch_size)
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epoch_events = [e for e in events if "test/accuracy" in e]
@@ -149,6 +173,13 @@ def test_fit_writes_the_run_record(tiny):
         "test/precision/3",
     ):
         assert summary[key] is not None, key
+    # two evaluations, neither of them training time, both within the run's time
+    times = {k.split("/")[1]: summary[k] for k in summary if k.startswith("time/")}
+    assert times["eval_seconds"] > 0 and times["train_seconds"] > 0
+    assert (
+        times["compile_seconds"] + times["train_seconds"] + times["eval_seconds"]
+        < times["total_seconds"]
+    )
     confusion = np.array(summary["test/confusion_matrix"])
     assert confusion.shape == (10, 10) and confusion.sum() == 300
     assert summary["test/accuracy"] == pytest.approx(np.trace(confusion) / 300)

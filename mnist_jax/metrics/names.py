@@ -25,8 +25,10 @@ BEST_TEST_ACCURACY = metric_key("best", metric_key("test", "accuracy"))
 BEST_STEP = metric_key("best", "step")
 COMPILED_PROGRAMS = metric_key("compile", "programs")
 COMPILE_CACHE_HITS = metric_key("compile", "cache_hits")
+TRACED_PROGRAMS = metric_key("compile", "traced")
 COMPILE_SECONDS = metric_key("time", "compile_seconds")
 TRAIN_SECONDS = metric_key("time", "train_seconds")
+EVAL_SECONDS = metric_key("time", "eval_seconds")
 TOTAL_SECONDS = metric_key("time", "total_seconds")
 
 

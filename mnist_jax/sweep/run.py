@@ -115,7 +115,7 @@ def run_sweep(
     pending = _pending(sweep, resume)
     require_disk_space(first, dataset, sweep.directory, runs=len(pending))
     _create_or_check(sweep, resume)
-    environment = describe_environment(first)
+    environment = describe_environment(first, len(dataset.train.labels))
     batches = plan(pending, width)
     print(
         f"sweep {sweep.name}: {len(pending)} of {len(sweep.trials)} trials to train, "
@@ -248,7 +248,12 @@ def run_batch(
                 config.runs_dir,
                 config.name,
                 config.to_dict(),
-                {**environment, "execution": describe_execution(config, parallel.backend())},
+                {
+                    **environment,
+                    "execution": describe_execution(
+                        config, parallel.backend(), len(dataset.train.labels)
+                    ),
+                },
                 described[_structure_key(config)],
             )
             held.enter_context(record.writer_lock())

@@ -28,17 +28,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mnist_jax.config import Config, build_config, field_type, load_toml
+from mnist_jax.config import (
+    PLACEMENT_FIELDS,
+    RECORD_FIELDS,
+    Config,
+    build_config,
+    field_type,
+    load_toml,
+)
 from mnist_jax.errors import UserError
 
 SECTIONS = ("grid", "zip", "random")
 SPEC_KEYS = ("name", "config", "base", *SECTIONS)
-# Fields a sweep cannot vary: where data and records are, and how runs are reported.
-FIXED = (
-    "dataset", "data_dir", "source", "train_examples", "test_examples", "runs_dir", "name",
-    "wandb", "wandb_project", "wandb_entity", "wandb_tags", "wandb_group", "wandb_notes",
-    "tensorboard", "devices", "distributed", "coordinator", "num_processes", "process_id",
-)  # fmt: skip
+# Fields a sweep cannot vary: the data, where it and the records are, how runs are reported.
+FIXED = ("dataset", "train_examples", "test_examples", *RECORD_FIELDS, *PLACEMENT_FIELDS)
 LOG_UNIFORM = ("lr", "weight_decay", "grad_clip")  # rates: sampled uniformly in their logarithm
 MAX_TRIALS = 10_000
 SAMPLE_DIGITS = 4  # sampled values are rounded to 4 significant digits: readable tables
