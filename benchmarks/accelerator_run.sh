@@ -6,16 +6,16 @@
 #
 # OUT_DIR receives steps.txt (devices, versions, each step's exit status and seconds),
 # suite.txt (the quick tests), speed.txt / speed.json (bench_speed: Trainer vs the Flax-style
-# loop, fast.toml's 3 seeds cold and warm, evaluation), flags.txt / flags.json (bench_flags:
-# fast.toml under the backend's candidate XLA flags, cold and warm), sweep.txt / sweep.json
-# (bench_sweep on full MNIST): 8 files. DATA_DIR (or $MNIST_JAX_DATA_DIR) holds the four MNIST
-# IDX files. Scale the steps with the variables below; the defaults add up to at most 9.7
-# minutes.
+# loop; fast.toml's and fast_gpu.toml's 3 seeds, each cold and warm; evaluation), flags.txt /
+# flags.json (bench_flags: fast_gpu.toml under the backend's candidate XLA flags, cold and
+# warm), sweep.txt / sweep.json (bench_sweep on full MNIST): 8 files. DATA_DIR (or
+# $MNIST_JAX_DATA_DIR) holds the four MNIST IDX files. Scale the steps with the variables
+# below; the defaults add up to at most 9.2 minutes.
 set -u
 out=${1:?usage: bash benchmarks/accelerator_run.sh OUT_DIR [DATA_DIR]}
 data=${2:-${MNIST_JAX_DATA_DIR:?give DATA_DIR or set MNIST_JAX_DATA_DIR}}
 export MNIST_JAX_DATA_DIR=$data WANDB_MODE=offline WANDB_SILENT=true
-SUITE_S=${SUITE_S:-100} SPEED_S=${SPEED_S:-200} FLAGS_S=${FLAGS_S:-150} SWEEP_S=${SWEEP_S:-100}
+SUITE_S=${SUITE_S:-90} SPEED_S=${SPEED_S:-220} FLAGS_S=${FLAGS_S:-130} SWEEP_S=${SWEEP_S:-80}
 mkdir -p "$out"
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here" || exit 1
@@ -41,10 +41,11 @@ jax.__version__, flax.__version__, optax.__version__)" >"$out/steps.txt" 2>&1
 cat "$out/steps.txt"
 step suite "$SUITE_S" python -m pytest -q -m "not slow" -p no:cacheprovider
 result speed
-step speed "$SPEED_S" python benchmarks/bench_speed.py --data-dir "$data"
+step speed "$SPEED_S" python benchmarks/bench_speed.py --data-dir "$data" \
+  --recipe experiments/fast.toml --recipe experiments/fast_gpu.toml
 cp benchmarks/results/speed.json "$out/" 2>/dev/null
 result flags
-step flags "$FLAGS_S" python benchmarks/bench_flags.py -- --config experiments/fast.toml \
+step flags "$FLAGS_S" python benchmarks/bench_flags.py -- --config experiments/fast_gpu.toml \
   --data-dir "$data"
 cp benchmarks/results/flags.json "$out/" 2>/dev/null
 result sweep

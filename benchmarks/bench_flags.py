@@ -36,7 +36,8 @@ DEFAULT_TRAIN_ARGS = ["--config", str(REPO / "experiments" / "fast.toml")]
 # What each is for. GPU: autotuning picks convolution and GEMM algorithms by timing them at
 # compile time (level 0: none); Triton GEMM fusions are autotuned over many generated kernels,
 # cuBLAS is not; CUDA graphs (command buffers) cut launch overhead but are built at the first
-# run; LLVM level 1 shortens the PTX generation. CPU: XNNPACK and oneDNN libraries for
+# run, and by default leave out loops: with WHILE a whole scanned chunk of steps can become one
+# graph. CPU: XNNPACK and oneDNN libraries for
 # convolutions and matrix products instead of XLA's own code and Eigen; Eigen on one thread.
 CANDIDATES = {
     "gpu": {
@@ -44,7 +45,8 @@ CANDIDATES = {
         "autotune-0": "--xla_gpu_autotune_level=0",
         "no-triton-gemm": "--xla_gpu_enable_triton_gemm=false",
         "no-command-buffers": "--xla_gpu_enable_command_buffer=",
-        "llvm-1": "--xla_backend_optimization_level=1",
+        "graphs-with-loops": "--xla_gpu_enable_command_buffer="
+        "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE",
     },
     "cpu": {
         "default": "",

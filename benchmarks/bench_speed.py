@@ -4,16 +4,18 @@
   after warm-up by a Flax-example-style loop (a Python loop over host numpy batches cut from a
   numpy permutation, a `jax.jit` train step) and by mnist-jax's `Trainer` (data on the device,
   batches gathered there);
-- time to accuracy: `mnist-jax train --config experiments/fast.toml --seed S` as real
-  subprocesses (process wall time from start to exit: imports, data, compile and evaluation
-  included), against one epoch of the Flax-style loop timed in this run as the yardstick. The
-  epoch is timed in two halves, one before and one after the subprocesses, so that a change in
-  the machine's load weighs on both sides;
+- time to accuracy: `mnist-jax train --config experiments/fast.toml --seed S` (or each
+  `--recipe`) as real subprocesses, each seed first with an empty compilation cache, then with
+  a warm one (process wall time from start to exit: imports, data, compile and evaluation
+  included; the summary's compile, train and evaluation seconds), against one epoch of the
+  Flax-style loop timed in this run as the yardstick. The epoch is timed in two halves, one
+  before and one after the subprocesses, so that a change in the machine's load weighs on both
+  sides;
 - evaluation: the full test set in one compiled call, counts only against counts, stacked
   probabilities and every metric (what `Trainer.evaluate` runs).
 
     python benchmarks/bench_speed.py [--data-dir DIR] [--steps 200] [--seeds 0,1,2]
-        [--eval-repeats 5] [--no-fast] [--no-epoch]
+        [--recipe experiments/fast.toml ...] [--eval-repeats 5] [--no-fast] [--no-epoch]
 
 Prints a table and writes benchmarks/results/speed.json.
 """
@@ -154,11 +156,11 @@ def throughput(config: Config, dataset: data.Dataset, num_steps: int) -> dict[st
 
 
 def fast_run(
-    seed: int, data_dir: str | None, runs_dir: Path, cache: str, name: str
+    recipe: Path, seed: int, data_dir: str | None, runs_dir: Path, cache: str, name: str
 ) -> dict[str, Any]:
-    """One `mnist-jax train --config experiments/fast.toml --seed S`, timed from outside, with
-    the persistent compilation cache in `cache` (a directory, or `off`)."""
-    command = [*train_command(), "--config", str(FAST), "--seed", str(seed)]
+    """One `mnist-jax train --config RECIPE --seed S`, timed from outside, with the persistent
+    compilation cache in `cache` (a directory, or `off`)."""
+    command = [*train_command(), "--config", str(recipe), "--seed", str(seed)]
     command += ["--runs-dir", str(runs_dir), "--name", name, "--wandb", "disabled"]
     if data_dir:
         command += ["--data-dir", data_dir]
@@ -176,34 +178,53 @@ def fast_run(
         "compile_seconds": summary["time/compile_seconds"],
         "compiled_programs": summary["compile/programs"],
         "compile_cache_hits": summary["compile/cache_hits"],
+        "traced_programs": summary["compile/traced"],
         "total_seconds": summary["time/total_seconds"],
+        "train_seconds": summary["time/train_seconds"],
+        "eval_seconds": summary["time/eval_seconds"],
         "train_examples_per_sec": summary["train/examples_per_sec"],
     }
 
 
 def time_to_accuracy(
-    config: Config, dataset: data.Dataset, seeds: list[int], data_dir: str | None, epoch: bool
+    config: Config,
+    dataset: data.Dataset,
+    recipes: list[Path],
+    seeds: list[int],
+    data_dir: str | None,
+    epoch: bool,
 ) -> dict[str, Any]:
-    """The fast recipe's runs, and one epoch of the Flax-style loop around them."""
+    """The fast recipes' runs, and one epoch of the Flax-style loop around them."""
     loop = FlaxStyleLoop(config, dataset) if epoch else None
     halves = []
     if loop is not None:
         loop.run(1)  # compile, off the clock
         halves.append(timed(loop, loop.steps_per_epoch // 2))
+    result: dict[str, Any] = {"recipes": {}}
     with tempfile.TemporaryDirectory(prefix="bench_speed_") as tmp:
-        runs_dir, cache = Path(tmp) / "runs", str(Path(tmp) / "xla")
-        # Each seed cold (no cache), then warm (the cache filled by the first cold run): the
-        # shapes do not depend on the seed, so a warm run compiles nothing.
-        runs = [fast_run(seed, data_dir, runs_dir, "off", f"cold-{seed}") for seed in seeds]
-        fast_run(seeds[0], data_dir, runs_dir, cache, "fill-cache")
-        runs += [fast_run(seed, data_dir, runs_dir, cache, f"warm-{seed}") for seed in seeds]
-        for run, state in zip(runs, ["cold"] * len(seeds) + ["warm"] * len(seeds), strict=True):
-            run["compilation_cache"] = state
+        for i, recipe in enumerate(recipes):
+            runs_dir = Path(tmp) / f"runs-{i}"
+            caches = [str(Path(tmp) / f"xla-{i}-{seed}") for seed in seeds]
+            # Each seed cold (an empty compilation cache of its own, as on a first run), then
+            # warm (the cache the first cold run filled): the programs do not depend on the
+            # seed, so a warm run compiles and traces nothing.
+            runs = [
+                fast_run(recipe, seed, data_dir, runs_dir, cache, f"cold-{seed}")
+                for seed, cache in zip(seeds, caches, strict=True)
+            ]
+            runs += [
+                fast_run(recipe, seed, data_dir, runs_dir, caches[0], f"warm-{seed}")
+                for seed in seeds
+            ]
+            states = ["cold"] * len(seeds) + ["warm"] * len(seeds)
+            for run, state in zip(runs, states, strict=True):
+                run["compilation_cache"] = state
+            path = recipe.resolve()
+            name = str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+            command = f"mnist-jax train --config {name} --seed S"
+            result["recipes"][name] = {"command": command, "runs": runs}
     if loop is not None:
         halves.append(timed(loop, loop.steps_per_epoch - loop.steps_per_epoch // 2))
-    command = f"mnist-jax train --config {FAST.relative_to(REPO)} --seed S"
-    result: dict[str, Any] = {"command": command}
-    result["runs"] = runs
     if halves:
         epoch_seconds = sum(halves)
         result["flax_style_epoch"] = {
@@ -211,8 +232,9 @@ def time_to_accuracy(
             "halves_seconds": halves,
             "examples_per_sec": loop.steps_per_epoch * config.batch_size / epoch_seconds,
         }
-        for run in runs:
-            run["wall_over_flax_style_epoch"] = run["process_wall_seconds"] / epoch_seconds
+        for recipe in result["recipes"].values():
+            for run in recipe["runs"]:
+                run["wall_over_flax_style_epoch"] = run["process_wall_seconds"] / epoch_seconds
     return result
 
 
@@ -276,20 +298,8 @@ def print_table(results: dict[str, Any]) -> None:
                 f"yardstick: one Flax-style epoch of the classic recipe {epoch['seconds']:.1f} s "
                 f"({halves}; {epoch['examples_per_sec']:,.0f} examples/s)"
             )
-        print(f"{f['command']}:")
-        print(
-            f"  {'cache':>5} {'seed':>4} {'test acc':>9} {'wall s':>7} {'compile s':>10} "
-            f"{'programs/hits':>13} {'total s':>8} {'examples/s':>11} {'wall/epoch':>11}"
-        )
-        for r in f["runs"]:
-            ratio = r.get("wall_over_flax_style_epoch")
-            programs = f"{r['compiled_programs']}/{r['compile_cache_hits']}"
-            print(
-                f"  {r['compilation_cache']:>5} {r['seed']:>4} {100 * r['test_accuracy']:>8.2f}% "
-                f"{r['process_wall_seconds']:>7.1f} {r['compile_seconds']:>10.1f} "
-                f"{programs:>13} {r['total_seconds']:>8.1f} {r['train_examples_per_sec']:>11,.0f} "
-                f"{'' if ratio is None else f'{ratio:.2f}':>11}"
-            )
+        for recipe in f["recipes"].values():
+            print_runs(recipe)
         print()
     e = results.get("eval_seconds")
     if e:
@@ -299,13 +309,38 @@ def print_table(results: dict[str, Any]) -> None:
             print(f"  {name:<40} {statistics.median(s):>7.3f} {min(s):>7.3f}")
 
 
+def print_runs(recipe: dict[str, Any]) -> None:
+    print(f"{recipe['command']}:")
+    print(
+        f"  {'cache':>5} {'seed':>4} {'test acc':>9} {'wall s':>7} {'compile s':>10} "
+        f"{'built/hit/traced':>16} {'train+eval s':>12} {'total s':>8} {'examples/s':>11} "
+        f"{'wall/epoch':>11}"
+    )
+    for r in recipe["runs"]:
+        ratio = r.get("wall_over_flax_style_epoch")
+        programs = f"{r['compiled_programs']}/{r['compile_cache_hits']}/{r['traced_programs']}"
+        print(
+            f"  {r['compilation_cache']:>5} {r['seed']:>4} {100 * r['test_accuracy']:>8.2f}% "
+            f"{r['process_wall_seconds']:>7.1f} {r['compile_seconds']:>10.1f} "
+            f"{programs:>16} {r['train_seconds'] + r['eval_seconds']:>12.3f} "
+            f"{r['total_seconds']:>8.2f} {r['train_examples_per_sec']:>11,.0f} "
+            f"{'' if ratio is None else f'{ratio:.2f}':>11}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=os.environ.get(data.DATA_DIR_ENV))
     parser.add_argument("--steps", type=int, default=200, help="steps timed per loop (0: skip)")
-    parser.add_argument("--seeds", default="0,1,2", help="seeds of the fast.toml runs")
+    parser.add_argument("--seeds", default="0,1,2", help="seeds of the recipes' runs")
+    parser.add_argument(
+        "--recipe",
+        action="append",
+        type=Path,
+        help="a recipe timed to accuracy (repeatable; default experiments/fast.toml)",
+    )
     parser.add_argument("--eval-repeats", type=int, default=5, help="0: skip evaluation")
-    parser.add_argument("--no-fast", action="store_true", help="skip the fast.toml runs")
+    parser.add_argument("--no-fast", action="store_true", help="skip the recipes' runs")
     parser.add_argument(
         "--no-epoch", action="store_true", help="skip the Flax-style epoch (no ratio)"
     )
@@ -326,7 +361,7 @@ def main() -> None:
     if not args.no_fast:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         results["fast"] = time_to_accuracy(
-            classic, dataset, seeds, args.data_dir, epoch=not args.no_epoch
+            classic, dataset, args.recipe or [FAST], seeds, args.data_dir, epoch=not args.no_epoch
         )
     if args.eval_repeats > 0:
         results["eval_seconds"] = {
