@@ -107,9 +107,10 @@ def affine(params, x_NxD):
 
 
 def affine_args():
+    """Small whole numbers: exact in float32 whatever precision a backend's matmul uses."""
     rng = np.random.default_rng(0)
-    params = {"w": rng.normal(size=(5, 3)).astype(np.float32), "b": np.float32([1, 2, 3])}
-    return params, rng.normal(size=(7, 5)).astype(np.float32)
+    params = {"w": rng.integers(-3, 4, (5, 3)).astype(np.float32), "b": np.float32([1, 2, 3])}
+    return params, rng.integers(-3, 4, (7, 5)).astype(np.float32)
 
 
 def test_a_kept_program_is_reused_without_tracing_and_computes_the_same(kept_programs):
@@ -135,7 +136,7 @@ def test_a_kept_program_is_reused_without_tracing_and_computes_the_same(kept_pro
     expected = x.astype(np.float64) @ params["w"] + params["b"]
     for program in (first, again):
         result = program(params, x)
-        np.testing.assert_allclose(result["y"], expected, rtol=1e-5)
+        np.testing.assert_array_equal(result["y"], expected)
         assert int(result["n"]) == int(np.sum(x > 0))
         np.testing.assert_array_equal(result["y"], direct(params, x)["y"])
 
@@ -148,7 +149,7 @@ def test_a_program_is_traced_again_for_another_key_code_or_a_damaged_file(
     def traces(key: dict) -> int:
         with parallel.count_compilations() as counts:
             program = parallel.compile_program(affine, lambda: (params, x), key=key)
-        np.testing.assert_allclose(program(params, x)["y"], x @ params["w"] + params["b"], 1e-5)
+        np.testing.assert_array_equal(program(params, x)["y"], x @ params["w"] + params["b"])
         return counts["traced"]
 
     assert traces({"width": 3}) == 1
@@ -170,7 +171,7 @@ def test_without_a_compilation_cache_nothing_is_kept(tmp_path, monkeypatch):
         for _ in range(2):
             program = parallel.compile_program(affine, lambda: (params, x), key={})
     assert counts["traced"] == 2
-    np.testing.assert_allclose(program(params, x)["y"], x @ params["w"] + params["b"], 1e-5)
+    np.testing.assert_array_equal(program(params, x)["y"], x @ params["w"] + params["b"])
 
 
 def test_a_kept_program_still_donates_its_arguments(kept_programs):
@@ -214,10 +215,11 @@ def test_a_trainer_with_kept_programs_trains_to_the_bits_of_one_without(
         direct, counts = trained()
     assert counts["traced"] == 5
     for a, b, c in zip(exported, kept, direct, strict=True):
-        np.testing.assert_array_equal(a, b)
         if parallel.backend() == "cpu":  # deterministic: same program, same bits
+            np.testing.assert_array_equal(a, b)
             np.testing.assert_array_equal(a, c)
-        else:
+        else:  # a GPU's reductions may differ in the last bits from one execution to the next
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
 
 
