@@ -171,6 +171,10 @@ def fast_run(
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
     summary = json.loads((runs_dir / name / "summary.json").read_text())
+    # As it comes, so that a run cut short by a time limit still shows what it measured.
+    print(
+        f"{recipe.name} {name}: wall {wall:.2f} s, {json.dumps(summary_times(summary))}", flush=True
+    )
     return {
         "seed": seed,
         "test_accuracy": summary["test/accuracy"],
@@ -184,6 +188,12 @@ def fast_run(
         "eval_seconds": summary["time/eval_seconds"],
         "train_examples_per_sec": summary["train/examples_per_sec"],
     }
+
+
+def summary_times(summary: dict[str, Any]) -> dict[str, Any]:
+    keys = ("test/accuracy", "compile/programs", "compile/cache_hits", "compile/traced")
+    keys += tuple(k for k in summary if k.startswith("time/"))
+    return {k: summary[k] for k in keys}
 
 
 def time_to_accuracy(
@@ -358,6 +368,7 @@ def main() -> None:
         }
     if args.steps > 0:
         results["throughput"] = throughput(classic, dataset, args.steps)
+        print(f"throughput: {json.dumps(results['throughput']['examples_per_sec'])}", flush=True)
     if not args.no_fast:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         results["fast"] = time_to_accuracy(
