@@ -3,9 +3,11 @@
 It knows nothing of files, logging or signals: `run(n)` advances training by n steps,
 `take_interval()` / `take_epoch()` hand over the training sums kept on the device, and
 `evaluate()` runs the whole test split with every metric. Model initialisation, each train chunk
-size and evaluation are each compiled once, ahead of time, through `mnist_jax.parallel`; the
-hyperparameters' values are arguments of those programs, so a trainer can reuse another's, and
-several trials can train as one program mapped over a trial axis.
+size and evaluation are each compiled once, ahead of time, through `mnist_jax.parallel`, which
+keeps them in the compilation cache under a key of what they depend on (`_program_key`), so that
+a later run neither traces nor compiles them again; the hyperparameters' values are arguments of
+those programs, so a trainer can reuse another's, and several trials can train as one program
+mapped over a trial axis.
 """
 
 from __future__ import annotations
