@@ -481,9 +481,9 @@ def compile_program(
         return compile(fn, *args, donate=donate, once=once)
     try:
         exported = _export(fn, args)
+        program = _compile_exported(*exported, donate=donate, once=once)
     except Exception:  # noqa: BLE001 - a program jax.export cannot save still runs
         return compile(fn, *args, donate=donate, once=once)
-    program = _compile_exported(*exported, donate=donate, once=once)
     with contextlib.suppress(OSError):  # a read-only or full cache costs the next run time
         _write_program(path, exported)
     return program

@@ -164,6 +164,20 @@ def test_a_program_is_traced_again_for_another_key_code_or_a_damaged_file(
     assert traces({"width": 3}) == 0  # written whole again
 
 
+@pytest.mark.parametrize("failing", ["_export", "_compile_exported"])
+def test_a_program_that_cannot_be_exported_is_compiled_as_it_is(
+    kept_programs, monkeypatch, failing
+):
+    def fail(*args, **kwargs):
+        raise NotImplementedError("not exportable")
+
+    monkeypatch.setattr(parallel, failing, fail)
+    params, x = affine_args()
+    program = parallel.compile_program(affine, lambda: (params, x), key={})
+    np.testing.assert_array_equal(program(params, x)["y"], x @ params["w"] + params["b"])
+    assert not kept_programs.exists()
+
+
 def test_without_a_compilation_cache_nothing_is_kept(tmp_path, monkeypatch):
     monkeypatch.setattr(parallel, "_programs_dir", None)
     params, x = affine_args()
