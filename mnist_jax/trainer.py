@@ -140,7 +140,6 @@ class Trainer:
         self.hyper = parallel.place(hyper)
         self.active = parallel.place(self._stacked(np.bool_(True)))
         self._key = self._program_key(test.num_examples)
-        self._state_shapes = None
         self.programs = programs or self._compile(test.num_examples)
         self.state = self.programs.init(self.hyper.seed)
         self.sums = parallel.place(self._stacked(steps.Sums.zeros()))
@@ -173,7 +172,7 @@ class Trainer:
             permutation=self._compiled(self._permute, lambda: (seed, epoch), once=True),
             learning_rate=self._compiled(rate, lambda: (np.int32(0), self.hyper.lr), once=True),
             chunks={k: self._compile_chunk(k) for k in sorted(sizes, reverse=True)},
-            evaluate=self._compiled(evaluate, lambda: (self._state_shape(), self.test)),
+            evaluate=self._compiled(evaluate, lambda: (self._state_shape, self.test)),
         )
 
     @functools.cached_property
@@ -187,11 +186,10 @@ class Trainer:
 
         return self._mapped(permutation, (0, None))
 
+    @functools.cached_property
     def _state_shape(self) -> Any:
         """The train state's shapes; traced only when a program that takes it is not kept."""
-        if self._state_shapes is None:
-            self._state_shapes = jax.eval_shape(self._init, self.hyper.seed)
-        return self._state_shapes
+        return jax.eval_shape(self._init, self.hyper.seed)
 
     def _compiled(self, fn: Any, example_args: Any, **options: Any) -> Any:
         return parallel.compile_program(fn, example_args, key=self._key, **options)
@@ -214,7 +212,7 @@ class Trainer:
             order = jax.eval_shape(self._permute, self.hyper.seed, np.int32(0))
             sums = self._stacked(steps.Sums.zeros())
             data = (self.train_images, self.train_labels, order, np.int32(0))
-            return (self._state_shape(), sums, *data, self.hyper, self.active)
+            return (self._state_shape, sums, *data, self.hyper, self.active)
 
         return self._compiled(train_chunk, example, donate=(0, 1))
 
