@@ -1,7 +1,10 @@
 """Using a trained run: `evaluate` a split from its best checkpoint, `predict` image files.
 
 Both rebuild the model from the run's `config.json` and restore `checkpoints/best` (falling
-back to `checkpoints/last` for a run that never finished an epoch's evaluation).
+back to `checkpoints/last` for a run that never finished an epoch's evaluation). Their programs
+are kept in the compilation cache like training's (`parallel.compile_program`): a second
+`evaluate` of a run of the same structure neither traces nor compiles, and `predict` pads its
+images to a few batch sizes so that it reuses its programs too.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from mnist_jax import data as data_lib
@@ -25,6 +29,8 @@ from mnist_jax.record import RunRecord
 
 EVAL_FILE = "eval.json"
 BLANK_NOTE = "the image is blank (no ink): this label means nothing"
+# `predict` pads its images to the next of these batch sizes (then to multiples of the last).
+PREDICT_BATCHES = (8, 64, 512)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +49,9 @@ def restore_run(run_dir: str | Path, overrides: dict[str, Any] | None = None) ->
     config = build_config(record.read_config()["config"], overrides or {})
     spec = data_lib.spec(config.dataset)
     class_names = spec.class_names
+    parallel.use_compilation_cache()
     built = steps.build(config, spec, total_steps=1)
-    seed = np.uint32(config.seed)
-    initial = parallel.compile(built.init, seed, once=True)(seed)
-    template = {"state": initial, "sums": steps.Sums.zeros()}
+    template = {"state": _state_shapes(built, config.seed), "sums": steps.Sums.zeros()}
     problems = []
     if record.checkpoints_dir.is_dir():
         checkpoints = Checkpoints(record.checkpoints_dir, read_only=True)
@@ -77,6 +82,19 @@ def restore_run(run_dir: str | Path, overrides: dict[str, Any] | None = None) ->
     raise UserError(f"run {run_dir} has no checkpoint yet; train it (or --resume it) first")
 
 
+def _state_shapes(built: steps.Steps, seed: int) -> steps.TrainState:
+    """The train state's shapes and types on the default device, to restore into: nothing is
+    initialised or compiled for weights that the checkpoint replaces."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shapes = jax.eval_shape(built.init, np.uint32(seed))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+
+
+def _program_key(restored: Restored, args: Any) -> dict[str, Any]:
+    key = steps.program_key(restored.config, restored.built.spec)
+    return {**key, "data": parallel.signature(args)}
+
+
 def evaluate_run(
     run_dir: str | Path, split: str = "test", data_dir: str | None = None
 ) -> dict[str, Any]:
@@ -91,8 +109,13 @@ def evaluate_run(
     if limit:
         part = data_lib.Split(part.images[:limit], part.labels[:limit])
     batches = steps.eval_data(part.images, part.labels, config.eval_batch_size)
-    evaluate = parallel.jit(steps.evaluate(restored.built, batches.num_examples))
-    sums, _, summary = parallel.fetch(evaluate(restored.state, batches))
+    args = (restored.state, batches)
+    evaluate = parallel.compile_program(
+        steps.evaluate(restored.built, batches.num_examples),
+        lambda: args,
+        key={**_program_key(restored, args), "num_examples": batches.num_examples},
+    )
+    sums, _, summary = parallel.fetch(evaluate(*args))
     loss = float(sums.loss_sum) / int(sums.count)
     result = {
         "checkpoint": restored.kind,
@@ -125,12 +148,7 @@ def predict_files(
         except UserError as e:
             results.append(Prediction(str(path), error=str(e)))
     if loaded:
-        batch_NxHxW = np.stack([image for _, image in loaded])
-        labels = np.zeros(len(loaded), np.int32)
-        mask = np.ones(len(loaded), bool)
-        _, probs_NxC = parallel.fetch(
-            parallel.jit(restored.built.eval_step)(restored.state, (batch_NxHxW, labels), mask)
-        )
+        probs_NxC = _probabilities(restored, np.stack([image for _, image in loaded]))
         names = restored.class_names
         for (path, image), probs in zip(loaded, probs_NxC, strict=True):
             order = np.argsort(-probs)[:top_k]
@@ -139,3 +157,28 @@ def predict_files(
             results.append(Prediction(path, names[order[0]], top, note=note))
     by_path = {str(p): i for i, p in enumerate(paths)}
     return sorted(results, key=lambda r: by_path[r.path])
+
+
+def _probabilities(restored: Restored, images_NxHxW: np.ndarray) -> np.ndarray:
+    """The model's class probabilities for the images, padded to a `predict_batch` (the
+    padding masked out) so that few distinct programs are ever compiled."""
+    n = len(images_NxHxW)
+    size = predict_batch(n)
+    images = np.zeros((size, *images_NxHxW.shape[1:]), images_NxHxW.dtype)
+    images[:n] = images_NxHxW
+    args = (restored.state, (images, np.zeros(size, np.int32)), np.arange(size) < n)
+    eval_step = parallel.compile_program(
+        restored.built.eval_step, lambda: args, key=_program_key(restored, args)
+    )
+    _, probs_NxC = parallel.fetch(eval_step(*args))
+    return probs_NxC[:n]
+
+
+def predict_batch(n: int) -> int:
+    """The batch `n` images are padded to: the first of `PREDICT_BATCHES` that holds them,
+    else a multiple of the last."""
+    for size in PREDICT_BATCHES:
+        if n <= size:
+            return size
+    last = PREDICT_BATCHES[-1]
+    return -(-n // last) * last

@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 from mnist_jax import metrics
-from mnist_jax.config import Config
+from mnist_jax.config import PLACEMENT_FIELDS, RECORD_FIELDS, Config
 from mnist_jax.models import create_model, preprocess
 
 if TYPE_CHECKING:
@@ -126,6 +126,15 @@ def structure(config: Config) -> dict[str, Any]:
         dropout=config.dropout > 0,
     )
     return shape
+
+
+def program_key(config: Config, spec: DatasetSpec) -> dict[str, Any]:
+    """The part of a `parallel.compile_program` key that every program of `config` on `spec`
+    shares: the config's structure without the fields that say where the data and the record
+    are and where the run is placed, which compute nothing."""
+    skipped = (*RECORD_FIELDS, *PLACEMENT_FIELDS)
+    kept = {k: v for k, v in structure(config).items() if k not in skipped}
+    return {"structure": kept, "spec": repr(spec)}
 
 
 def warmup_steps(config: Config, total_steps: int) -> int:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mnist_jax import checkpoint, parallel, steps
-from mnist_jax.config import PLACEMENT_FIELDS, RECORD_FIELDS, Config
+from mnist_jax.config import Config
 
 STEPS_PER_CALL_ACCELERATOR = 50
 
@@ -220,12 +220,9 @@ class Trainer:
         """What this trainer's programs depend on besides the code, the devices and XLA's
         options (`parallel.compile_program` adds those): the config's structure (`Hyper`'s
         values are arguments), the data's shapes and the execution choices."""
-        skipped = (*RECORD_FIELDS, *PLACEMENT_FIELDS)
-        structure = {k: v for k, v in steps.structure(self.config).items() if k not in skipped}
         data = (self.train_images, self.train_labels, self.test, self.hyper, self.active)
         return {
-            "structure": structure,
-            "spec": repr(self.spec),
+            **steps.program_key(self.config, self.spec),
             "num_test": num_test,
             "total_steps": self.total_steps,
             "steps_per_call": self.steps_per_call,

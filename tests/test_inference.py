@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -12,10 +15,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
-from mnist_jax import data, images, train
-from mnist_jax.inference import evaluate_run, predict_files
+from mnist_jax import data, images, parallel, train
+from mnist_jax.inference import evaluate_run, predict_batch, predict_files
 
 runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
 # The same image through a batch of 5 (predict) and of 1,000 (training's evaluation): XLA:CPU
 # agrees to float32 rounding; GPUs run float32 convolutions as TF32 (10-bit mantissa, ~1e-3
 # relative) with an algorithm chosen per batch shape, and TPUs use bfloat16 passes.
@@ -164,3 +168,67 @@ def test_a_digit_is_laid_out_for_the_datasets_own_image_size(mnist, tmp_path):
         mass = converted.astype(float)
         assert abs((rows * mass).sum() / mass.sum() - size / 2) < 1.0
         assert abs((cols * mass).sum() / mass.sum() - size / 2) < 1.0
+
+
+def digit_files(mnist, directory: Path, count: int) -> list[Path]:
+    paths = []
+    for i in range(count):
+        path = directory / f"digit{i}.png"
+        Image.fromarray(mnist.test.images[i]).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_evaluate_and_predict_reuse_their_kept_programs(run_dir, mnist, tmp_path, monkeypatch):
+    """A second `evaluate` traces nothing and gives the same metrics; `predict` of 3 and then
+    5 images runs one program (both padded to 8) and gives the same probabilities."""
+    monkeypatch.setattr(parallel, "use_compilation_cache", lambda: None)
+    kept = tmp_path / "programs"
+    monkeypatch.setattr(parallel, "_programs_dir", kept)
+    paths = digit_files(mnist, tmp_path, 5)
+    with parallel.count_compilations() as cold:
+        first = evaluate_run(run_dir)
+        three = predict_files(run_dir, paths[:3])
+    assert cold["traced"] == 2
+    assert sorted(p.name.split("-")[0] for p in kept.iterdir()) == ["eval_step", "evaluate"]
+    with parallel.count_compilations() as warm:
+        second = evaluate_run(run_dir)
+        five = predict_files(run_dir, paths)
+    assert warm["traced"] == 0
+    assert second == first
+    assert [r.top for r in five[:3]] == [r.top for r in three]
+
+
+def test_predict_pads_to_few_batch_sizes():
+    assert [predict_batch(n) for n in (1, 8, 9, 64, 65, 512, 513, 1100)] == [
+        8, 8, 64, 64, 512, 512, 1024, 1536
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_evaluate_and_predict_keep_their_programs_in_the_compilation_cache(
+    run_dir, mnist, tmp_path
+):
+    """The commands turn the cache on as `train` does: XLA's code and the kept programs are
+    written on the first call, and a second `evaluate` writes nothing new and the same file."""
+    cache = tmp_path / "xla"
+    env = {**os.environ, "MNIST_JAX_COMPILATION_CACHE": str(cache)}
+    paths = [str(p) for p in digit_files(mnist, tmp_path, 2)]
+
+    def command(*args: str) -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", "cli", *args], cwd=REPO, env=env, capture_output=True,
+            text=True, timeout=600,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+
+    command("evaluate", str(run_dir))
+    first = (run_dir / "eval.json").read_text()
+    command("predict", str(run_dir), *paths)
+    kept = sorted(p.name.split("-")[0] for p in (cache / parallel.PROGRAMS_DIR).iterdir())
+    assert kept == ["eval_step", "evaluate"]
+    entries = {p.name for p in cache.iterdir()}
+    assert any(name.startswith("jit_evaluate-") for name in entries)
+    command("evaluate", str(run_dir))
+    assert {p.name for p in cache.iterdir()} == entries
+    assert (run_dir / "eval.json").read_text() == first
