@@ -84,6 +84,10 @@ def analyze(
         else:
             dataset_section, dataset_note = _dataset_part(data, out, console), ""
 
+    if run_paths or found.sweeps:
+        from mnist_jax import parallel
+
+        parallel.use_compilation_cache()  # the ranking curves' program: compiled once, ever
     analyses = [analyze_run(_load_run(p), loader.load) for p in run_paths]
     sweep_sections = _sweeps_part(found.sweeps, out, console)
     run_sections, comparison, comparison_figures = (
