@@ -12,7 +12,9 @@
   before and one after the subprocesses, so that a change in the machine's load weighs on both
   sides;
 - evaluation: the full test set in one compiled call, counts only against counts, stacked
-  probabilities and every metric (what `Trainer.evaluate` runs).
+  probabilities and every metric (what `Trainer.evaluate` runs), for fast.toml's model and the
+  classic CNN, beside the floor that the backend's float32 matmul rate puts under each: the
+  model's forward FLOPs over the rate of a large square matmul timed in the same run.
 
     python benchmarks/bench_speed.py [--data-dir DIR] [--steps 200] [--seeds 0,1,2]
         [--recipe experiments/fast.toml ...] [--eval-repeats 5] [--no-fast] [--no-epoch]
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -282,6 +285,35 @@ def eval_seconds(config: Config, dataset: data.Dataset, repeats: int) -> dict[st
     return timings
 
 
+def matmul_gflops(size: int = 4096, repeats: int = 5) -> float:
+    """The backend's float32 matmul rate at its default precision (best of `repeats`): what a
+    compute-bound model's forward pass can at most reach."""
+    a = jnp.ones((size, size), jnp.float32)
+    square = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(square(a))
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(square(a))
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best / 1e9
+
+
+def evaluations(
+    configs: dict[str, Config], dataset: data.Dataset, repeats: int, flops: dict[str, int]
+) -> dict[str, Any]:
+    """`eval_seconds` of each model, with the floor of its forward pass at the matmul rate."""
+    rate = matmul_gflops()
+    num_test = len(dataset.test.labels)
+    result: dict[str, Any] = {"repeats": repeats, "matmul_gflops": rate, "models": {}}
+    for name, config in configs.items():
+        timings = eval_seconds(config, dataset, repeats)
+        floor = flops[name] * num_test / (rate * 1e9)
+        result["models"][name] = {**timings, "forward_floor_seconds": floor}
+        print(f"evaluation, {name}: {json.dumps(timings)}", flush=True)
+    return result
+
+
 def print_table(results: dict[str, Any]) -> None:
     m = results["machine"]
     print(f"\n{m['cpu']}, {m['cores']} cores; {m['backend']} ({m['device_kind']})")
@@ -313,10 +345,15 @@ def print_table(results: dict[str, Any]) -> None:
         print()
     e = results.get("eval_seconds")
     if e:
-        print(f"full test evaluation, {e['model']} ({e['repeats']} repeats): median / min s")
-        for name in ("counts only", "counts + all metrics"):
-            s = e[name]
-            print(f"  {name:<40} {statistics.median(s):>7.3f} {min(s):>7.3f}")
+        print(f"full test evaluation ({e['repeats']} repeats): median / min s")
+        for model, timings in e["models"].items():
+            for name in ("counts only", "counts + all metrics"):
+                s = timings[name]
+                label = f"{model}: {name}"
+                print(f"  {label:<40} {statistics.median(s):>7.3f} {min(s):>7.3f}")
+            floor = timings["forward_floor_seconds"]
+            print(f"  {model + ': forward FLOPs at the matmul rate':<40} {floor:>7.3f}")
+        print(f"  (float32 matmul, 4096 x 4096: {e['matmul_gflops']:,.0f} GFLOP/s)")
 
 
 def print_runs(recipe: dict[str, Any]) -> None:
@@ -375,11 +412,10 @@ def main() -> None:
             classic, dataset, args.recipe or [FAST], seeds, args.data_dir, epoch=not args.no_epoch
         )
     if args.eval_repeats > 0:
-        results["eval_seconds"] = {
-            "model": "fast.toml's model",
-            "repeats": args.eval_repeats,
-            **eval_seconds(fast, dataset, args.eval_repeats),
-        }
+        flops = {name: model["flops_per_example"] for name, model in results["models"].items()}
+        results["eval_seconds"] = evaluations(
+            {"fast": fast, "classic": classic}, dataset, args.eval_repeats, flops
+        )
     print_table(results)
     print()
     write_results(RESULTS, **{k: v for k, v in results.items() if k != "machine"})
