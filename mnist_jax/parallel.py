@@ -42,6 +42,9 @@ from mnist_jax.data.locations import cache_root
 from mnist_jax.errors import UserError, first_line
 
 COMPILATION_CACHE_ENV = "MNIST_JAX_COMPILATION_CACHE"
+# The cache's bound: past it, the least recently used entries go, down to 3/4 of it.
+COMPILATION_CACHE_MAX_ENV = "MNIST_JAX_COMPILATION_CACHE_MAX_MB"
+DEFAULT_COMPILATION_CACHE_MAX_MB = 2048
 # XLA's switches for bit-identical GPU results: deterministic reductions and scatters, and no
 # autotuning (which may pick a different convolution algorithm in each process).
 DETERMINISTIC_GPU_FLAGS = ("--xla_gpu_deterministic_ops=true", "--xla_gpu_autotune_level=0")
@@ -282,18 +285,51 @@ def use_compilation_cache() -> Path | None:
     """Keeps every compiled program on disk, so a second run with the same shapes compiles
     nothing: under the cache root (beside the data cache) unless $MNIST_JAX_COMPILATION_CACHE
     names another directory, or `off`. JAX writes each entry atomically, so concurrent runs
-    share it safely."""
+    share it safely. It is kept under $MNIST_JAX_COMPILATION_CACHE_MAX_MB (2,048 MB unless set)
+    by `prune_compilation_cache`."""
     global _programs_dir
     setting = os.environ.get(COMPILATION_CACHE_ENV, "")
     if setting.lower() in ("off", "0", "false", "no"):
         _programs_dir = None
         return None
     directory = Path(setting) if setting else cache_root() / "xla"
+    limit_mb = _env_int(COMPILATION_CACHE_MAX_ENV, DEFAULT_COMPILATION_CACHE_MAX_MB)
+    if limit_mb < 1:
+        raise UserError(
+            f"${COMPILATION_CACHE_MAX_ENV} must be at least 1 (megabytes), got {limit_mb}; "
+            f"to turn the cache off, set ${COMPILATION_CACHE_ENV}=off"
+        )
+    prune_compilation_cache(directory, limit_mb * 2**20)
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     _programs_dir = directory / PROGRAMS_DIR
     return directory
+
+
+def prune_compilation_cache(directory: Path, max_bytes: int) -> list[Path]:
+    """Keeps the cache under `max_bytes`: when its entries (XLA's `*-cache` files and the kept
+    programs) add up to more, the least recently used go until 3/4 of it is left. Last use is
+    the later of a file's access and modification times (a kept program is touched when it is
+    loaded). Nothing else in the directory is touched; a run reading an entry that another just
+    removed compiles it again. Returns the removed entries."""
+    found = []
+    for path in [*directory.glob("*-cache"), *(directory / PROGRAMS_DIR).glob("*.pkl")]:
+        with contextlib.suppress(OSError):
+            stat = path.stat()
+            found.append((max(stat.st_atime, stat.st_mtime), stat.st_size, path))
+    total = sum(size for _, size, _ in found)
+    removed = []
+    if total <= max_bytes:
+        return removed
+    for _, size, path in sorted(found):
+        if total <= max_bytes * 3 // 4:
+            break
+        with contextlib.suppress(OSError):
+            path.unlink()
+            total -= size
+            removed.append(path)
+    return removed
 
 
 def use_deterministic_ops() -> None:
@@ -609,6 +645,8 @@ def _compile_exported(
 
 def _read_program(path: Path) -> Exported:
     saved = pickle.loads(path.read_bytes())
+    with contextlib.suppress(OSError):  # its last use, for `prune_compilation_cache`
+        os.utime(path)
     return jax.export.deserialize(saved["exported"]), saved["in_tree"], saved["out_tree"]
 
 

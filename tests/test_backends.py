@@ -282,6 +282,66 @@ def test_the_compilation_cache_makes_a_second_run_compile_nothing(tmp_path, mnis
     assert saved["config"]["deterministic"] is True
 
 
+def cache_entry(path: Path, size: int, last_use: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)
+    os.utime(path, (last_use, last_use))
+    return path
+
+
+def test_the_compilation_cache_is_pruned_least_recently_used_first(tmp_path):
+    """Over the bound, the oldest entries go (XLA's and kept programs alike) until 3/4 of it
+    is left; other files stay, and a cache under its bound is left as it is."""
+    kb = 1024
+    entries = [
+        cache_entry(tmp_path / "jit_train-aa-cache", 300 * kb, 1_000),
+        cache_entry(tmp_path / parallel.PROGRAMS_DIR / "init-bb.pkl", 100 * kb, 2_000),
+        cache_entry(tmp_path / "jit_evaluate-cc-cache", 300 * kb, 3_000),
+        cache_entry(tmp_path / "jit_init-dd-cache", 200 * kb, 4_000),
+        cache_entry(tmp_path / parallel.PROGRAMS_DIR / "evaluate-ee.pkl", 100 * kb, 5_000),
+    ]
+    other = cache_entry(tmp_path / "notes.txt", 900 * kb, 0)
+    assert parallel.prune_compilation_cache(tmp_path, 1_000 * kb) == []
+    # 1,000 kB over a bound of 800 kB: the oldest go until at most 600 kB are left.
+    removed = parallel.prune_compilation_cache(tmp_path, 800 * kb)
+    assert removed == entries[:2]
+    assert [p.exists() for p in entries] == [False, False, True, True, True]
+    assert other.exists()
+
+
+def test_turning_the_cache_on_keeps_it_under_its_bound(tmp_path, monkeypatch):
+    monkeypatch.setenv(parallel.COMPILATION_CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(parallel.COMPILATION_CACHE_MAX_ENV, "1")
+    monkeypatch.setattr(parallel, "_programs_dir", None)
+    settings = {}
+    monkeypatch.setattr(jax.config, "update", lambda name, value: settings.update({name: value}))
+    old = cache_entry(tmp_path / "jit_old-aa-cache", 2**20, 1_000)
+    recent = cache_entry(tmp_path / "jit_recent-bb-cache", 2**19, 2_000)
+    assert parallel.use_compilation_cache() == tmp_path
+    assert not old.exists() and recent.exists()
+    assert settings["jax_compilation_cache_dir"] == str(tmp_path)
+
+
+def test_a_kept_program_is_marked_used_when_loaded(kept_programs):
+    params, x = affine_args()
+    parallel.compile_program(affine, lambda: (params, x), key={})
+    (path,) = kept_programs.iterdir()
+    os.utime(path, (1_000, 1_000))
+    parallel.compile_program(affine, lambda: (params, x), key={})
+    assert path.stat().st_mtime > 1_000_000
+
+
+@pytest.mark.parametrize("value", ["lots", "0"])
+def test_a_bad_cache_bound_is_one_line_before_anything_changes(tmp_path, monkeypatch, value):
+    monkeypatch.setenv(parallel.COMPILATION_CACHE_ENV, str(tmp_path / "xla"))
+    monkeypatch.setenv(parallel.COMPILATION_CACHE_MAX_ENV, value)
+    before = jax.config.jax_compilation_cache_dir
+    with pytest.raises(UserError, match=parallel.COMPILATION_CACHE_MAX_ENV):
+        parallel.use_compilation_cache()
+    assert jax.config.jax_compilation_cache_dir == before
+    assert not (tmp_path / "xla").exists()
+
+
 @pytest.mark.slow
 def test_the_compilation_cache_can_be_turned_off(tmp_path, mnist_dir, monkeypatch):
     home = tmp_path / "home"
