@@ -3,8 +3,9 @@
 Everything the toolkit runs on an accelerator goes through here: `place` puts arrays on the
 device once, `compile` turns a pure function into one ahead-of-time compiled program (so compile
 time is measured on its own, and a shape change can never recompile silently), `compile_program`
-does the same for a program that later runs reuse without tracing it again (the trainer's), and
-`jit` is for the few calls whose shapes vary (predicting a handful of files).
+does the same for a program that later runs reuse without tracing it again (the trainer's, and
+those of `evaluate` and `predict`), and `jit` is for the few calls outside them whose shapes vary
+(the ranking curves and per-class scores that `analyze` computes from a run's files).
 
 Data parallelism is JAX's own: `use_devices` chooses a `Mesh` over the devices in use (every
 local device of every process by default) with one axis, `batch`. From then on `place`
