@@ -295,7 +295,7 @@ def open_writers(
 ) -> MultiWriter:
     """The destinations of this run's metrics: the record and the progress display always,
     TensorBoard when asked, W&B unless disabled (a resumed run continues its W&B run)."""
-    from mnist_jax.writers.wandb import start_mirror
+    from mnist_jax.writers.wandb import start_mirror_in_background
 
     writers: list[Writer] = [RecordWriter(record), progress]
     if config.tensorboard:
@@ -303,7 +303,7 @@ def open_writers(
 
         writers.append(TensorBoardWriter(record.dir))
     resume_id = record.summary.get("wandb/run_id")
-    writers.append(start_mirror(config, record.dir, dict(environment), resume_id=resume_id))
+    writers.append(start_mirror_in_background(config, record.dir, dict(environment), resume_id))
     return MultiWriter(writers)
 
 
@@ -454,7 +454,8 @@ class Loop:
         totals[metrics.COMPILED_PROGRAMS] = compiled["programs"]
         totals[metrics.COMPILE_CACHE_HITS] = compiled["cache_hits"]
         totals[metrics.TRACED_PROGRAMS] = compiled["traced"]
-        self.record.update_summary(status=status, message=message, **totals)
+        self.writer.wait_open()
+        self.record.update_summary(status=status, message=message, **totals, **self.writer.info)
         self.checkpoints.close()
         self.writer.close(status, self.record.summary)
         if parallel.is_main_process():
@@ -505,6 +506,7 @@ class Loop:
             **train,
             **test,
             **{metrics.BEST_TEST_ACCURACY: self.best_accuracy, metrics.BEST_STEP: self.best_step},
+            **self.writer.info,  # a writer opening in the background adds its facts when open
         )
 
     def evaluate(self) -> dict[str, Any]:

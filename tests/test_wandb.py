@@ -13,11 +13,13 @@ import hashlib
 import json
 import math
 import os
+import re
 import socket
 import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import types
 import zlib
@@ -35,7 +37,7 @@ pytest.importorskip("wandb", reason="wandb is not installed (pip install wandb)"
 
 from mnist_jax.config import Config  # noqa: E402
 from mnist_jax.errors import UserError  # noqa: E402
-from mnist_jax.writers import TestResults  # noqa: E402
+from mnist_jax.writers import Background, TestResults, Writer  # noqa: E402
 from mnist_jax.writers import wandb as wandb_mirror  # noqa: E402
 from mnist_jax.writers.wandb import start_mirror  # noqa: E402
 
@@ -323,8 +325,11 @@ def test_disabled_mirror_does_nothing_writes_nothing_and_never_imports_wandb(run
         import numpy as np
         from mnist_jax.config import Config
         from mnist_jax.writers import TestResults, Writer
-        from mnist_jax.writers.wandb import start_mirror
-        mirror = start_mirror(Config(wandb="disabled"), Path({str(run_dir)!r}), {{}})
+        from mnist_jax.writers.wandb import start_mirror, start_mirror_in_background
+        run_dir = Path({str(run_dir)!r})
+        background = start_mirror_in_background(Config(wandb="disabled"), run_dir, {{}})
+        assert type(background) is Writer and background.info == {{}}
+        mirror = start_mirror(Config(wandb="disabled"), run_dir, {{}})
         assert type(mirror) is Writer and mirror.info == {{}}
         mirror.write(1, {{"step": 1, "train/loss": 1.0}})
         results = TestResults(np.ones((2, 2)), np.zeros(2), np.zeros((2, 3, 3)), ("a", "b"),
@@ -588,6 +593,30 @@ def test_resume_continues_the_same_wandb_run(tmp_path, run_dir):
     logged = read_run(second_dir)
     assert logged.run_id == first.info["wandb/run_id"]
     assert [row["_step"] for row in logged.history] == [10]
+
+
+def test_background_mirror_names_its_wandb_run_before_wandb_starts(run_dir):
+    """Started on the writers' thread, the mirror's run id is known at once (the run summary
+    holds it from the start, for a resume), and it is the id the W&B run gets."""
+    go = threading.Event()
+    ahead = Background(lambda: Writer() if go.wait(10) else None, {})  # holds the worker
+    mirror = wandb_mirror.start_mirror_in_background(offline_config(), run_dir, ENVIRONMENT)
+    early = mirror.info
+    assert list(early) == ["wandb/run_id"] and re.fullmatch("[a-z0-9]{8}", early["wandb/run_id"])
+    assert not (run_dir / "wandb").exists()  # W&B has not started yet
+    go.set()
+    mirror.write(5, train_event(5, 20))
+    mirror.close("completed", {"status": "completed"})
+    ahead.close("completed", {})
+    logged = read_run(run_dir)
+    assert logged.run_id == early["wandb/run_id"]
+    assert mirror.info == {
+        "wandb/run_id": logged.run_id,
+        "wandb/mode": "offline",
+        "wandb/dir": str(logged.files_dir.parent),
+    }
+    assert [row["_step"] for row in logged.history] == [5] and logged.exit_code == 0
+    assert len({wandb_mirror.new_run_id() for _ in range(1000)}) == 1000
 
 
 def test_api_key_never_reaches_the_run_directory(run_dir, clean_wandb_env, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import struct
+import threading
 from pathlib import Path
 
 import jax
@@ -14,7 +15,7 @@ import pytest
 
 from mnist_jax import steps, train
 from mnist_jax.errors import UserError
-from mnist_jax.writers import MultiWriter, TestResults, Writer
+from mnist_jax.writers import Background, MultiWriter, TestResults, Writer
 
 
 class Recorder(Writer):
@@ -50,6 +51,82 @@ def test_multiwriter_fans_every_call_out_in_order_and_merges_info():
         ("b", "close", "completed", {"status": "completed"}),
     ]
     assert writer.info == {"a/id": "a", "b/id": "b"}
+
+
+class Opening(Recorder):
+    """A destination that takes its time to open, on whichever thread opens it."""
+
+    def __init__(self, name: str, calls: list, go: threading.Event) -> None:
+        assert go.wait(10)
+        super().__init__(name, calls)
+        self.threads = {threading.get_ident()}
+
+    def write(self, step, metrics):
+        self.threads.add(threading.get_ident())
+        super().write(step, metrics)
+
+
+def test_background_writer_opens_and_writes_off_the_caller_thread_in_call_order():
+    calls: list = []
+    go = threading.Event()
+    opened: list[Opening] = []
+
+    def open_writer():
+        opened.append(Opening("w", calls, go))
+        return opened[0]
+
+    writer = Background(open_writer, {"w/id": "early"})
+    # The destination is still opening: nothing waited for it, nothing has reached it.
+    assert writer.info == {"w/id": "early"} and calls == []
+    event = {"train/loss": 0.5}
+    writer.write(1, event)
+    event["train/loss"] = 9.0  # the caller's dict may change once the call returned
+    writer.write(2, {"train/loss": 0.25})
+    writer.write_checkpoint(Path("ckpt"), {"test/accuracy": 0.9})
+    assert calls == []
+    go.set()
+    writer.wait_open()
+    assert writer.info == {"w/id": "w"}
+    writer.close("completed", {"status": "completed"})  # returns once every call is done
+    assert calls == [
+        ("w", "write", 1, {"train/loss": 0.5}),
+        ("w", "write", 2, {"train/loss": 0.25}),
+        ("w", "checkpoint", "ckpt", {"test/accuracy": 0.9}),
+        ("w", "close", "completed", {"status": "completed"}),
+    ]
+    assert threading.get_ident() not in opened[0].threads and len(opened[0].threads) == 1
+
+
+def test_background_writer_that_cannot_open_or_write_reports_one_line_and_never_raises(capsys):
+    def cannot_open():
+        raise ConnectionError("no service\nsecond line")
+
+    writer = Background(cannot_open, {"w/id": "early"})
+    writer.write(1, {"train/loss": 0.5})
+    writer.close("completed", {})
+    assert writer.info == {"w/id": None}  # what was said early no longer stands
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "a metrics destination could not start (ConnectionError: no service); "
+        "training goes on without it"
+    ]
+
+    calls: list = []
+
+    class Failing(Recorder):
+        def write(self, step, metrics):
+            if step == 1:
+                raise OSError("disk full")
+            super().write(step, metrics)
+
+    writer = Background(lambda: Failing("f", calls), {})
+    writer.write(1, {"a": 1})
+    writer.write(2, {"a": 2})  # a failed call does not stop the ones after it
+    writer.close("completed", {})
+    assert calls == [("f", "write", 2, {"a": 2}), ("f", "close", "completed", {})]
+    assert capsys.readouterr().err.splitlines() == [
+        "a metrics destination failed in write (OSError: disk full); training goes on"
+    ]
 
 
 def events(run: Path) -> list[dict]:

@@ -9,12 +9,16 @@ name. A new destination is one module here with a `Writer` subclass, and one lin
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mnist_jax.errors import describe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +50,9 @@ class Writer:
     def message(self, text: str) -> None:
         """A line for the person watching (a stop, a failure)."""
 
+    def wait_open(self) -> None:
+        """Returns once the destination is open and `info` complete (see `Background`)."""
+
     def close(self, status: str, summary: Mapping[str, Any]) -> None:
         """The run ended with `status`; `summary` is the final summary.json."""
 
@@ -76,6 +83,86 @@ class MultiWriter(Writer):
         for w in self.writers:
             w.message(text)
 
+    def wait_open(self) -> None:
+        for w in self.writers:
+            w.wait_open()
+
     def close(self, status: str, summary: Mapping[str, Any]) -> None:
         for w in self.writers:
             w.close(status, summary)
+
+
+class Background(Writer):
+    """A destination opened and written on a worker thread, so that training never waits for it.
+
+    `open_writer` (say, starting a W&B run: seconds of imports and a service to spawn) and every
+    later call run on one worker thread that all `Background` writers of the process share, in
+    the order they were made: the destination sees exactly the calls, in the order, that it would
+    see on the main thread, and never two at once. Training waits only in `close` (for what is
+    still queued) and in `wait_open`. `info` is `early_info` until the writer is open, then the
+    open writer's (where it lacks a fact of `early_info`, that fact is None). An exception from
+    `open_writer` or a call is reported as one line; one from `open_writer` leaves the no-op
+    writer.
+    """
+
+    def __init__(self, open_writer: Callable[[], Writer], early_info: Mapping[str, Any]) -> None:
+        self._early_info = dict(early_info)
+        self._opened = _worker().submit(_opened_or_noop, open_writer)
+        self._last: concurrent.futures.Future[Any] = self._opened
+
+    @property
+    def info(self) -> dict[str, Any]:  # type: ignore[override]
+        if not self._opened.done():
+            return dict(self._early_info)
+        # A destination that did not start leaves its early facts empty, not standing.
+        return {**dict.fromkeys(self._early_info), **self._opened.result().info}
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        self._call("write", step, dict(metrics))
+
+    def write_evaluation(self, results: TestResults) -> None:
+        self._call("write_evaluation", results)
+
+    def write_checkpoint(self, path: Path, metadata: Mapping[str, Any]) -> None:
+        self._call("write_checkpoint", path, dict(metadata))
+
+    def message(self, text: str) -> None:
+        self._call("message", text)
+
+    def wait_open(self) -> None:
+        self._opened.result()
+
+    def close(self, status: str, summary: Mapping[str, Any]) -> None:
+        self._call("close", status, dict(summary))
+        self._last.result()
+
+    def _call(self, method: str, *args: Any) -> None:
+        def call() -> None:
+            try:
+                getattr(self._opened.result(), method)(*args)
+            except Exception as e:  # noqa: BLE001 - a destination never stops training
+                _report(f"a metrics destination failed in {method}", e, "training goes on")
+
+        self._last = _worker().submit(call)
+
+
+_background: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _worker() -> concurrent.futures.ThreadPoolExecutor:
+    global _background
+    if _background is None:
+        _background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="writers")
+    return _background
+
+
+def _opened_or_noop(open_writer: Callable[[], Writer]) -> Writer:
+    try:
+        return open_writer()
+    except Exception as e:  # noqa: BLE001 - a destination never stops training
+        _report("a metrics destination could not start", e, "training goes on without it")
+        return Writer()
+
+
+def _report(what: str, error: Exception, outcome: str) -> None:
+    print(f"{what} ({describe(error)}); {outcome}", file=sys.stderr, flush=True)
