@@ -5,13 +5,15 @@ them, and process 0 writes the replicated state), on a directory they all see.
 
 Each kind keeps one step directory. Orbax writes a new step into a temporary directory and
 renames it when complete, then removes the older step, so a crash while saving leaves the
-previous checkpoint intact.
+previous checkpoint intact. A step that both kinds hold (an epoch's best is often its last) is
+written by Orbax once and copied, the same way, into the other kind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import shutil
 from collections.abc import Iterator
@@ -106,9 +108,24 @@ class Checkpoints:
                 for kind in kinds
             }
 
-    def save(self, kind: str, step: int, payload: Any, meta: dict[str, Any]) -> Path:
+    def save(
+        self,
+        kind: str,
+        step: int,
+        payload: Any,
+        meta: dict[str, Any],
+        *,
+        same_as: str | None = None,
+    ) -> Path:
         """Saves a step; on failure (a full disk) the partial step is removed and the previous
-        checkpoint of this kind is left as it was."""
+        checkpoint of this kind is left as it was.
+
+        `same_as` names a kind that holds this step saved from this very payload (an epoch's
+        best checkpoint that is also its last): its files are copied instead of written by
+        Orbax a second time, which on 2 CPU cores took 0.13-0.4 s a save against a few ms.
+        """
+        if same_as is not None and jax.process_count() == 1:
+            return self._copy(same_as, kind, step, meta)
         manager = self._managers[kind]
         require_space(self.directory, payload_bytes(payload), f"the {kind} checkpoint")
         try:
@@ -131,6 +148,31 @@ class Checkpoints:
                 shutil.rmtree(partial, ignore_errors=True)
             raise
         return self.directory / kind / str(step)
+
+    def _copy(self, source: str, kind: str, step: int, meta: dict[str, Any]) -> Path:
+        """`source`'s step `step` copied into `kind` with `meta`, the way Orbax saves: into a
+        temporary directory renamed whole, the older step removed only after (a crash leaves
+        the previous checkpoint). Copies, not links: each kind stays whole if the other's files
+        are damaged."""
+        origin, target = self.directory / source / str(step), self.directory / kind / str(step)
+        nbytes = sum(p.stat().st_size for p in origin.rglob("*") if p.is_file())
+        require_space(self.directory, nbytes, f"the {kind} checkpoint")
+        partial = target.with_name(f"{step}.orbax-checkpoint-tmp-copy")
+        try:
+            shutil.copytree(origin, partial)
+            (partial / "meta" / "metadata").write_text(json.dumps(meta))
+            for note in partial.rglob("commit_success.txt"):  # Orbax's notes name their directory
+                note.write_text(note.read_text().replace(str(origin), str(target)))
+            partial.rename(target)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        manager = self._managers[kind]
+        manager.reload()
+        for older in manager.all_steps():
+            if older != step:
+                manager.delete(older)
+        return target
 
     def latest_step(self, kind: str) -> int | None:
         manager = self._managers.get(kind)

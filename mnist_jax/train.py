@@ -372,6 +372,7 @@ class Loop:
 
     def __post_init__(self) -> None:
         self.checkpoints = Checkpoints(self.record.checkpoints_dir)
+        self.saved: tuple[str, int] | None = None  # the kind and step this process saved last
         if self.progress is None:
             self.progress = Progress(self.trainer.total_steps, self.trainer.steps_per_epoch)
 
@@ -530,7 +531,10 @@ class Loop:
             "eval_seconds": self.clock.eval_seconds,
             "elapsed_seconds": self.clock.elapsed(),
         }
-        self.checkpoints.save(kind, step, self.trainer.payload(), meta)
+        # An epoch's best checkpoint that is also its last is saved once and copied.
+        twin = self.saved[0] if self.saved is not None and self.saved[1] == step else None
+        self.checkpoints.save(kind, step, self.trainer.payload(), meta, same_as=twin)
+        self.saved = (kind, step)
 
 
 def write_final_record(loop: Loop) -> None:

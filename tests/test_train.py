@@ -292,6 +292,46 @@ def test_a_run_directory_is_never_overwritten(tiny):
     assert (config_run_dir(config) / "summary.json").read_text() == before
 
 
+def test_a_checkpoint_saved_as_a_copy_restores_like_one_saved_twice(tmp_path, mnist):
+    """`same_as`: the last checkpoint copied from the best one of the same step restores the
+    same arrays with its own meta, replaces the older last step, owns its files (damage to one
+    kind's files leaves the other whole) and outlives the next best step."""
+    built = steps.build(Config(conv_features=(4,), dense_features=8), MNIST, 10)
+    train_step = jax.jit(built.train_step)
+    state, _ = train_step(built.init_state, first_batch(mnist, 16), steps.step_key(0, 0))
+    template = {"state": built.init_state, "epoch_sums": steps.TrainSums.zeros()}
+    payload = {"state": state, "epoch_sums": steps.TrainSums.zeros()}
+    checkpoints = Checkpoints(tmp_path)
+    checkpoints.save("last", 1, template, {"step": 1})
+    checkpoints.save("best", 2, payload, {"step": 2, "kind": "best"})
+    path = checkpoints.save("last", 2, payload, {"step": 2, "kind": "last"}, same_as="best")
+    assert path == tmp_path / "last" / "2"
+    assert checkpoints.latest_step("last") == 2
+    assert sorted(p.name for p in (tmp_path / "last").iterdir()) == ["2"]
+    restored, meta = checkpoints.restore("last", template)
+    assert meta == {"step": 2, "kind": "last"}
+    for a, b in zip(jax.tree.leaves(payload), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    best_files = {
+        p.relative_to(tmp_path / "best" / "2")
+        for p in (tmp_path / "best" / "2").rglob("*")
+        if p.is_file()
+    }
+    last_files = {p.relative_to(path) for p in path.rglob("*") if p.is_file()}
+    assert best_files == last_files
+    for name in best_files:
+        assert (path / name).stat().st_ino != (tmp_path / "best" / "2" / name).stat().st_ino
+    # A later best step replaces best/2; the copy stays whole, also for a new manager.
+    later, _ = train_step(state, first_batch(mnist, 16), steps.step_key(0, 1))
+    checkpoints.save("best", 3, {"state": later, "epoch_sums": steps.TrainSums.zeros()}, {})
+    checkpoints.close()
+    reopened = Checkpoints(tmp_path, read_only=True)
+    assert (reopened.latest_step("best"), reopened.latest_step("last")) == (3, 2)
+    again, _ = reopened.restore("last", template)
+    for a, b in zip(jax.tree.leaves(payload), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_checkpoint_round_trip_restores_every_array(tmp_path, mnist):
     built = steps.build(Config(conv_features=(4,), dense_features=8, norm="batch"), MNIST, 10)
     state, _ = jax.jit(built.train_step)(
