@@ -4,7 +4,8 @@ The run record (always), the progress display (always), Weights & Biases and Ten
 asked) are each a `Writer`; training talks to one `MultiWriter` and never to a destination by
 name. A new destination is one module here with a `Writer` subclass, and one line in
 `mnist_jax.train.open_writers`. A writer must never stop training: destinations that can fail
-(a network, a full disk of their own) catch their errors and say so once.
+(a network, a full disk of their own) catch their errors and say so once, and one that is slow to
+start or to write (W&B) runs in `Background`, beside training rather than in its way.
 """
 
 from __future__ import annotations
