@@ -8,6 +8,7 @@ each with a 7-byte header (crc32 of type+data, length, type FULL/FIRST/MIDDLE/LA
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -796,6 +797,45 @@ def test_training_run_is_mirrored_exactly(tmp_path, tiny_config, clean_wandb_env
     assert json.loads(model.metadata)["test/accuracy"] == summary["test/accuracy"]
     leaks = [p for p in all_files(tmp_path) if FAKE_KEY.encode() in p.read_bytes()]
     assert leaks == []
+
+
+@pytest.mark.slow
+def test_the_run_summary_names_the_wandb_run_before_wandb_has_started(
+    tmp_path, tiny_config, monkeypatch
+):
+    """W&B starts beside training; the summary on disk holds the run's W&B id before that
+    start ends (so a run killed meanwhile resumes into the same W&B run), and its mode and
+    directory once W&B is up."""
+    from mnist_jax import train
+
+    config = tiny_config(tmp_path / "runs", name="early", wandb="offline")
+    summary = tmp_path / "runs" / "early" / "summary.json"
+    seen: dict[str, Any] = {}
+
+    class Started(Writer):
+        info = {"wandb/run_id": "x", "wandb/mode": "offline", "wandb/dir": "somewhere"}
+
+    def slow_start(config, run_dir, environment, resume_id=None, *, run_id=None):
+        seen["run_id"] = run_id
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # W&B is "starting" until the summary has the id
+            with contextlib.suppress(OSError, ValueError):
+                seen["summary"] = json.loads(summary.read_text()).get("wandb/run_id")
+                if seen["summary"]:
+                    break
+            time.sleep(0.01)
+        Started.info = {**Started.info, "wandb/run_id": run_id}
+        return Started()
+
+    monkeypatch.setattr(wandb_mirror, "start_mirror", slow_start)
+    assert train.fit(config) == 0
+    assert seen["summary"] == seen["run_id"] and re.fullmatch("[a-z0-9]{8}", seen["run_id"])
+    final = json.loads(summary.read_text())
+    assert (final["wandb/run_id"], final["wandb/mode"], final["wandb/dir"]) == (
+        seen["run_id"],
+        "offline",
+        "somewhere",
+    )
 
 
 @pytest.mark.slow
