@@ -26,6 +26,8 @@ from mnist_jax.errors import describe
 class TestResults:
     """The final evaluation of the test split, on the host."""
 
+    __test__ = False  # the name is not a pytest test class's
+
     probs_NxC: np.ndarray
     labels_N: np.ndarray
     images_NxHxW: np.ndarray
