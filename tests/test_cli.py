@@ -45,6 +45,49 @@ def test_help_starts_fast_without_heavy_imports():
         assert result.returncode == 0 and "Usage" in result.stdout
 
 
+# A process running cli.run with `command` as main. Files in OUT say what happened at its exit:
+# "thread" (a worker thread's write after main returned), "handler" (an exit handler registered
+# by the command), "finalised" (an object's finaliser, run only by the interpreter's teardown).
+PROGRAM = """
+import atexit, sys, threading, time
+import cli
+OUT = sys.argv[1]
+def touch(name):
+    open(f"{OUT}/{name}", "w").close()
+class Finalised:
+    def __del__(self, path=f"{OUT}/finalised", open=open):
+        open(path, "w").close()
+keep = Finalised()
+if sys.argv[2] == "handler-before":
+    atexit.register(lambda: None)
+def command():
+    def late_write():
+        time.sleep(0.3)
+        touch("thread")
+    threading.Thread(target=late_write).start()
+    atexit.register(touch, "handler")
+    sys.stdout.write("unflushed")
+    sys.exit(3)
+cli.main = command
+cli.run()
+"""
+
+
+@pytest.mark.parametrize("case", ["alone", "handler-before"])
+def test_the_program_skips_only_the_interpreter_teardown(tmp_path, case):
+    """`run` keeps main's exit code, unflushed output, a worker thread's last write and the
+    exit handlers; alone, it ends before the teardown (no finaliser runs). Where a handler was
+    registered before it (a coverage or profiling wrapper), the exit is Python's own."""
+    result = subprocess.run(
+        [sys.executable, "-c", PROGRAM, str(tmp_path), case],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == "unflushed" and result.stderr == ""
+    assert (tmp_path / "thread").exists() and (tmp_path / "handler").exists()
+    assert (tmp_path / "finalised").exists() == (case == "handler-before")
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
