@@ -22,6 +22,7 @@ process per host (or per device); every process runs the same program on its own
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import contextlib
 import functools
 import hashlib
@@ -31,6 +32,7 @@ import os
 import pickle
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,8 @@ _PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy")
 _mesh: Mesh | None = None
 _programs_dir: Path | None = None
 _counters: list[dict[str, int]] = []  # those of `count_compilations` blocks now open
+_counters_lock = threading.Lock()  # XLA reports compilations from `compiling_together`'s threads
+_together: list[Pending] | None = None  # the programs a `compiling_together` block compiles
 _exit_code_on_peer_loss: int | None = None
 
 
@@ -372,11 +376,13 @@ def count_compilations() -> Iterator[dict[str, int]]:
 
     def on_duration(event: str, duration: float, **_: Any) -> None:
         if event == _COMPILE_EVENT:
-            counts["programs"] += 1
+            with _counters_lock:
+                counts["programs"] += 1
 
     def on_event(event: str, **_: Any) -> None:
         if event == _CACHE_HIT_EVENT:
-            counts["cache_hits"] += 1
+            with _counters_lock:
+                counts["cache_hits"] += 1
 
     jax.monitoring.register_event_duration_secs_listener(on_duration)
     jax.monitoring.register_event_listener(on_event)
@@ -461,22 +467,93 @@ def compile(  # noqa: A001 - the verb is the point
     every process can read, which is what training keeps (state, sums) and reports
     (evaluations).
     """
-    options = compiler_options(once)
     _count_traced()
     if _mesh is None:
         jitted = jax.jit(fn, donate_argnums=tuple(donate))
-        return jitted.lower(*example_args).compile(compiler_options=options)
-    in_shardings = jax.tree.map(_sharding_of, example_args)
-    return _on_mesh(
-        jax.jit(
+    else:
+        jitted = jax.jit(
             fn,
-            in_shardings=in_shardings,
+            in_shardings=jax.tree.map(_sharding_of, example_args),
             out_shardings=replicated(),
             donate_argnums=tuple(donate),
         )
-        .lower(*example_args)
-        .compile(compiler_options=options)
+    return _compile_lowered(jitted.lower(*example_args), once)
+
+
+def _compile_lowered(
+    lowered: jax.stages.Lowered, once: bool, fallback: Callable[[], Any] | None = None
+) -> Callable[..., Any]:
+    """XLA's compilation of `lowered`, now or, within `compiling_together`, on a worker thread.
+    `fallback` builds the program another way where this compilation fails."""
+
+    def build() -> Callable[..., Any]:
+        compiled = lowered.compile(compiler_options=compiler_options(once))
+        return compiled if _mesh is None else _on_mesh(compiled)
+
+    if _together is None:
+        return build()
+    program = Pending(_compile_pool().submit(build), fallback)
+    _together.append(program)
+    return program
+
+
+class Pending:
+    """A program that `compiling_together` is compiling: calls wait for it (or, where its
+    compilation failed, for its fallback); attributes are the compiled program's."""
+
+    def __init__(
+        self, future: concurrent.futures.Future[Any], fallback: Callable[[], Any] | None
+    ) -> None:
+        self._future, self._fallback = future, fallback
+        self._program: Callable[..., Any] | None = None
+
+    def result(self) -> Callable[..., Any]:
+        if self._program is None:
+            try:
+                self._program = self._future.result()
+            except Exception:
+                if self._fallback is None:
+                    raise
+                program = self._fallback()
+                self._program = program.result() if isinstance(program, Pending) else program
+        return self._program
+
+    def __call__(self, *args: Any) -> Any:
+        return self.result()(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # not set yet (say, while copied): never the program's
+            raise AttributeError(name)
+        return getattr(self.result(), name)
+
+
+@functools.cache
+def _compile_pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(
+        max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="mnist-jax-compile"
     )
+
+
+@contextlib.contextmanager
+def compiling_together() -> Iterator[None]:
+    """Within it, `compile` and `compile_program` trace and lower each program on this thread as
+    before, but hand XLA's compilation (which releases the GIL) to worker threads: while XLA
+    compiles one program, the next is traced, and the programs compile side by side, one per
+    core. The block ends once every one of them is compiled (or has raised its error), so that
+    the time it took is still the programs' compile time."""
+    global _together
+    if _together is not None:  # nested: the outer block waits
+        yield
+        return
+    programs: list[Pending] = []
+    _together = programs
+    try:
+        yield
+    finally:
+        _together = None
+        concurrent.futures.wait([p._future for p in programs])
+    for program in programs:
+        program.result()
 
 
 def _on_mesh(compiled: Callable[..., Any]) -> Callable[..., Any]:
@@ -510,20 +587,26 @@ def compile_program(
     `compile`.
     """
     path = _program_path(fn.__name__, key, donate, once)
+
+    def from_source() -> Callable[..., Any]:
+        args = example_args()
+        if path is None:
+            return compile(fn, *args, donate=donate, once=once)
+        try:
+            exported = _export(fn, args)
+            again = functools.partial(compile, fn, *args, donate=donate, once=once)
+            program = _compile_exported(*exported, donate=donate, once=once, fallback=again)
+        except Exception:  # noqa: BLE001 - a program jax.export cannot save still runs
+            return compile(fn, *args, donate=donate, once=once)
+        with contextlib.suppress(OSError):  # a read-only or full cache costs the next run time
+            _write_program(path, exported)
+        return program
+
     if path is not None and path.exists():
         with contextlib.suppress(Exception):  # unreadable or from another jax: export again
-            return _compile_exported(*_read_program(path), donate=donate, once=once)
-    args = example_args()
-    if path is None:
-        return compile(fn, *args, donate=donate, once=once)
-    try:
-        exported = _export(fn, args)
-        program = _compile_exported(*exported, donate=donate, once=once)
-    except Exception:  # noqa: BLE001 - a program jax.export cannot save still runs
-        return compile(fn, *args, donate=donate, once=once)
-    with contextlib.suppress(OSError):  # a read-only or full cache costs the next run time
-        _write_program(path, exported)
-    return program
+            kept = _read_program(path)
+            return _compile_exported(*kept, donate=donate, once=once, fallback=from_source)
+    return from_source()
 
 
 def signature(tree: Any) -> list[list[Any]]:
@@ -615,7 +698,13 @@ def _dtype(x: Any) -> Any:
 
 
 def _compile_exported(
-    exported: Any, in_tree: Any, out_tree: Any, *, donate: Sequence[int], once: bool
+    exported: Any,
+    in_tree: Any,
+    out_tree: Any,
+    *,
+    donate: Sequence[int],
+    once: bool,
+    fallback: Callable[[], Any] | None = None,
 ) -> Callable[..., Any]:
     """The exported program compiled with `compile`'s conventions: the same arguments and
     results as the function it came from, `donate` donated, results replicated."""
@@ -627,21 +716,16 @@ def _compile_exported(
     avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in exported.in_avals]
     if _mesh is None:
         jitted = jax.jit(program, donate_argnums=tuple(donate))
-        return jitted.lower(*jax.tree.unflatten(in_tree, avals)).compile(
-            compiler_options=compiler_options(once)
-        )
-    kept = exported.in_shardings_jax(_mesh)
-    shardings = [s if s is not None else replicated() for s in kept]
-    return _on_mesh(
-        jax.jit(
+    else:
+        kept = exported.in_shardings_jax(_mesh)
+        shardings = [s if s is not None else replicated() for s in kept]
+        jitted = jax.jit(
             program,
             in_shardings=tuple(jax.tree.unflatten(in_tree, shardings)),
             out_shardings=replicated(),
             donate_argnums=tuple(donate),
         )
-        .lower(*jax.tree.unflatten(in_tree, avals))
-        .compile(compiler_options=compiler_options(once))
-    )
+    return _compile_lowered(jitted.lower(*jax.tree.unflatten(in_tree, avals)), once, fallback)
 
 
 def _read_program(path: Path) -> Exported:
