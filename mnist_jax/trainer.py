@@ -167,13 +167,15 @@ class Trainer:
         sizes = {self.steps_per_call}
         if self.steps_per_epoch % self.steps_per_call:
             sizes.add(1)  # the rest of every epoch
-        return Programs(
-            init=self._compiled(self._init, lambda: (seed,), once=True),
-            permutation=self._compiled(self._permute, lambda: (seed, epoch), once=True),
-            learning_rate=self._compiled(rate, lambda: (np.int32(0), self.hyper.lr), once=True),
-            chunks={k: self._compile_chunk(k) for k in sorted(sizes, reverse=True)},
-            evaluate=self._compiled(evaluate, lambda: (self._state_shape, self.test)),
-        )
+        with parallel.compiling_together():  # the largest first: it compiles longest
+            chunks = {k: self._compile_chunk(k) for k in sorted(sizes, reverse=True)}
+            return Programs(
+                evaluate=self._compiled(evaluate, lambda: (self._state_shape, self.test)),
+                init=self._compiled(self._init, lambda: (seed,), once=True),
+                permutation=self._compiled(self._permute, lambda: (seed, epoch), once=True),
+                learning_rate=self._compiled(rate, lambda: (np.int32(0), self.hyper.lr), once=True),
+                chunks=chunks,
+            )
 
     @functools.cached_property
     def _init(self) -> Any:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -227,14 +229,76 @@ def test_a_trainer_with_kept_programs_trains_to_the_bits_of_one_without(
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(parallel, "_programs_dir", None)
         direct, counts = trained()
-    assert counts["traced"] == 5
-    for a, b, c in zip(exported, kept, direct, strict=True):
+        assert counts["traced"] == 5
+        patch.setattr(parallel, "compiling_together", contextlib.nullcontext)
+        one_by_one, _ = trained()  # each program compiled before the next is traced
+    for a, b, c, d in zip(exported, kept, direct, one_by_one, strict=True):
         if parallel.backend() == "cpu":  # deterministic: same program, same bits
             np.testing.assert_array_equal(a, b)
             np.testing.assert_array_equal(a, c)
+            np.testing.assert_array_equal(a, d)
         else:  # a GPU's reductions may differ in the last bits from one execution to the next
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-            np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
+            for other in (b, c, d):
+                np.testing.assert_allclose(a, other, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def compiling_threads(monkeypatch):
+    """The names of the threads XLA compiled on, from here on, in order; a compilation fails
+    while `fail` holds a number: that many more times."""
+    names: list[str] = []
+    fail = [0]
+    compile_now = jax.stages.Lowered.compile
+
+    def recorded(self, *args, **kwargs):
+        names.append(threading.current_thread().name)
+        if fail[0]:
+            fail[0] -= 1
+            raise RuntimeError("XLA could not compile this")
+        return compile_now(self, *args, **kwargs)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", recorded)
+    return names, fail
+
+
+def test_programs_compiled_together_compile_off_this_thread_and_compute_the_same(
+    kept_programs, compiling_threads
+):
+    threads, _ = compiling_threads
+    params, x = affine_args()
+    expected = x @ params["w"] + params["b"]
+    with parallel.compiling_together():
+        kept = parallel.compile_program(affine, lambda: (params, x), key={})
+        direct = parallel.compile(affine, params, x)
+    assert len(threads) == 2 and threading.current_thread().name not in threads
+    for program in (kept, direct):
+        np.testing.assert_array_equal(program(params, x)["y"], expected)
+    plain = parallel.compile(affine, params, x)
+    assert threads[-1] == threading.current_thread().name
+    np.testing.assert_array_equal(plain(params, x)["y"], expected)
+
+
+def test_a_program_that_fails_to_compile_together_raises_at_the_end_of_the_block(
+    compiling_threads,
+):
+    _, fail = compiling_threads
+    fail[0] = 1
+    params, x = affine_args()
+    with pytest.raises(RuntimeError, match="could not compile"), parallel.compiling_together():
+        parallel.compile(affine, params, x)
+
+
+def test_a_kept_program_that_fails_to_compile_together_is_exported_again(
+    kept_programs, compiling_threads
+):
+    _, fail = compiling_threads
+    params, x = affine_args()
+    parallel.compile_program(affine, lambda: (params, x), key={})
+    fail[0] = 1  # the kept program's compilation
+    with parallel.count_compilations() as counts, parallel.compiling_together():
+        program = parallel.compile_program(affine, lambda: (params, x), key={})
+    assert counts["traced"] == 1 and fail[0] == 0
+    np.testing.assert_array_equal(program(params, x)["y"], x @ params["w"] + params["b"])
 
 
 def run_cli(*args: str, env: dict) -> dict:
