@@ -374,7 +374,7 @@ def run() -> None:
     def exit_now() -> None:
         if not exit_code:
             return
-        for stream in (sys.stdout, sys.stderr):
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
             with contextlib.suppress(Exception):  # a closed pipe: nothing left to flush into
                 stream.flush()
         os._exit(exit_code[0])

@@ -519,8 +519,8 @@ class Pending:
                 self._program = program.result() if isinstance(program, Pending) else program
         return self._program
 
-    def __call__(self, *args: Any) -> Any:
-        return self.result()(*args)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.result()(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):  # not set yet (say, while copied): never the program's
