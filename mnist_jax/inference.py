@@ -115,7 +115,8 @@ def evaluate_run(
         lambda: args,
         key={**_program_key(restored, args), "num_examples": batches.num_examples},
     )
-    sums, _, summary = parallel.fetch(evaluate(*args))
+    evaluation = parallel.fetch(evaluate(*args))
+    sums, summary = evaluation.sums, evaluation.summary
     loss = float(sums.loss_sum) / int(sums.count)
     result = {
         "checkpoint": restored.kind,

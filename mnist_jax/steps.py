@@ -374,11 +374,13 @@ class Evaluation(NamedTuple):
     sums: EvalSums
     probs_NxC: jax.Array
     summary: dict[str, jax.Array]  # metrics.classification_summary of the split
+    curves: metrics.OneVsRestCurves  # every class's ROC and PR curves, whose areas it holds
 
 
 def evaluate(steps: Steps, num_examples: int) -> Callable[[TrainState, EvalData], Evaluation]:
     """Evaluation of a whole padded split of `num_examples` images as one function: counts
-    summed over the batches, probabilities stacked, and every metric from them."""
+    summed over the batches, probabilities stacked, every class's ROC and PR curves (one sort
+    per class), and every metric from the counts and the curves' areas."""
     c = steps.spec.num_classes
 
     def one(state, total, batch):
@@ -394,8 +396,9 @@ def evaluate(steps: Steps, num_examples: int) -> Callable[[TrainState, EvalData]
         sums, probs_KxBxC = jax.lax.scan(functools.partial(one, state), zeros, batches)
         probs_NxC = probs_KxBxC.reshape(-1, c)[:num_examples]
         labels_N = data.labels_KxB.reshape(-1)[:num_examples]
-        summary = metrics.classification_summary(sums.confusion, probs_NxC, labels_N)
-        return Evaluation(sums, probs_NxC, summary)
+        curves = metrics.one_vs_rest_curves(probs_NxC, labels_N)
+        summary = metrics.classification_summary(sums.confusion, curves=curves)
+        return Evaluation(sums, probs_NxC, summary, curves)
 
     run.__name__ = "evaluate"
     return run

@@ -551,7 +551,10 @@ def write_final_record(loop: Loop) -> None:
         )
     confusion = np.asarray(loop.last_eval.sums.confusion)
     classes = loop.dataset.class_names
-    loop.writer.write_evaluation(TestResults(probs, labels, test.images, classes, confusion))
+    curves = loop.last_eval.curves
+    loop.writer.write_evaluation(
+        TestResults(probs, labels, test.images, classes, confusion, curves)
+    )
     best = loop.checkpoints.directory / "best" / str(loop.best_step)
     metadata = {k: v for k, v in loop.record.summary.items() if k.startswith(TEST_PREFIX)}
     loop.writer.write_checkpoint(best, metadata)

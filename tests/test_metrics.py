@@ -673,6 +673,19 @@ def test_jit_equals_eager():
     same_leaves(jitted, eager)
 
 
+def test_a_summary_from_the_curves_equals_one_from_the_probabilities():
+    """What an evaluation does: rank once for the curves, take the summary's areas from them."""
+    rng = np.random.default_rng(8)
+    n = PAD - 5
+    labels = np.concatenate([rng.integers(0, C, n), garbage_labels(rng, 5)]).astype(np.int32)
+    probs = rng.dirichlet(np.ones(C), PAD).astype(np.float32)
+    mask = np.arange(PAD) < n
+    confusion = jit_confusion(labels, probs.argmax(1).astype(np.int32), C, mask)
+    curves = jax.jit(metrics.one_vs_rest_curves)(probs, labels, mask)
+    from_curves = jax.jit(lambda c, k: metrics.classification_summary(c, curves=k))
+    same_leaves(from_curves(confusion, curves), jit_summary(confusion, probs, labels, mask))
+
+
 def test_to_record_names_and_json():
     labels = np.array([0, 1, 1, 2, 2, 2])
     predictions = np.array([0, 1, 2, 2, 2, 0])

@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sklearn.metrics as skm
 
-from mnist_jax import data, parallel, steps, train
+from mnist_jax import data, metrics, parallel, steps, train
 from mnist_jax.checkpoint import Checkpoints
 from mnist_jax.config import Config
 from mnist_jax.writers.progress import Progress
@@ -124,7 +125,7 @@ def test_eval_counts_every_image_with_a_padded_last_batch(mnist):
     split = steps.eval_data(mnist.test.images[:n], mnist.test.labels[:n], batch_size=100)
     assert split.images_KxBxHxW.shape[:2] == (10, 100)
     evaluate = jax.jit(steps.evaluate(built, split.num_examples))
-    sums, probs, _ = evaluate(built.init_state, split)
+    sums, probs, summary, curves = evaluate(built.init_state, split)
     assert int(sums.count) == n and int(sums.confusion.sum()) == n
     predictions = np.asarray(probs).argmax(-1)
     assert probs.shape == (n, 10)
@@ -134,6 +135,18 @@ def test_eval_counts_every_image_with_a_padded_last_batch(mnist):
     logp = np.log(np.asarray(probs, np.float64))
     expected_loss = -logp[np.arange(n), mnist.test.labels[:n]].sum()
     assert float(sums.loss_sum) == pytest.approx(expected_loss, rel=1e-4)
+    # The curves of the n images (none of the padding), whose areas the summary reports.
+    roc, pr = metrics.curve_points(curves)
+    for c in range(10):
+        positives, scores = mnist.test.labels[:n] == c, np.asarray(probs)[:, c]
+        fpr, tpr, _ = skm.roc_curve(positives, scores, drop_intermediate=False)
+        np.testing.assert_allclose(roc[c][0], fpr, atol=1e-6)
+        np.testing.assert_allclose(roc[c][1], tpr, atol=1e-6)
+        precision, recall, _ = skm.precision_recall_curve(positives, scores)
+        np.testing.assert_allclose(pr[c][0], recall, atol=1e-6)
+        np.testing.assert_allclose(pr[c][1], precision, atol=1e-6)
+        auroc = skm.roc_auc_score(positives, scores)
+        assert float(summary["auroc"][c]) == pytest.approx(auroc, abs=1e-6)
 
 
 def test_fit_writes_the_run_record(tiny):

@@ -748,10 +748,12 @@ def test_sweep_trials_parse_as_train_flags(monkeypatch):
 
 @pytest.mark.slow
 def test_training_run_is_mirrored_exactly(tmp_path, tiny_config, clean_wandb_env, monkeypatch):
-    from mnist_jax import train
+    from mnist_jax import metrics, parallel, train
     from mnist_jax.record import RunRecord
 
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)  # present, but the run is offline
+    jitted, jit = [], parallel.jit
+    monkeypatch.setattr(parallel, "jit", lambda fn: jitted.append(fn) or jit(fn))
     config = tiny_config(tmp_path / "runs", name="mirrored", wandb="offline")
     assert train.fit(config) == 0
     record = RunRecord.open(tmp_path / "runs" / "mirrored")
@@ -786,6 +788,16 @@ def test_training_run_is_mirrored_exactly(tmp_path, tiny_config, clean_wandb_env
     # The final evaluation and the best checkpoint.
     last = logged.row(events[-1]["step"])
     assert last["test/roc_curve_table"]["nrows"] > 10 and "test/misclassified" in last
+    # Its curves are the final evaluation's, not ranked again.
+    assert metrics.one_vs_rest_curves not in jitted
+    predictions = np.load(record.dir / "predictions.npz")
+    names = tuple(sorted({row[0] for row in logged.table("test/roc_curve_table")}, key=int))
+    for table, recomputed in zip(
+        ("test/roc_curve_table", "test/pr_curve_table"),
+        wandb_mirror.curve_rows(predictions["probs"], predictions["labels"], names),
+        strict=True,
+    ):
+        assert logged.table(table) == recomputed
     confusion = np.array(summary["test/confusion_matrix"])
     rows = logged.table("test/confusion_chart_table")
     assert [row[2] for row in rows] == confusion.reshape(-1).tolist()

@@ -106,6 +106,8 @@ def classification_summary(
     probs_NxC: jax.Array | None = None,
     labels_N: jax.Array | None = None,
     mask_N: jax.Array | None = None,
+    *,
+    curves: OneVsRestCurves | None = None,
 ) -> dict[str, jax.Array]:
     """Every classification metric of a split, on the device.
 
@@ -116,16 +118,21 @@ def classification_summary(
 
     The ranking metrics follow the module's label rule: an example whose label lies outside
     `[0, C)` counts nothing, as if masked out (as `confusion_matrix` drops it from the counts).
-    Host float64 probabilities (x64 off) are ranked exactly (module docstring).
+    Host float64 probabilities (x64 off) are ranked exactly (module docstring). Given the
+    split's `curves` (`one_vs_rest_curves`) instead of the probabilities, the ranking metrics
+    are their areas: nothing is ranked twice.
     """
     summary = {"accuracy": accuracy(confusion_CxC), **precision_recall_f1(confusion_CxC)}
-    if probs_NxC is None:
+    if curves is not None:
+        per_class_auroc, per_class_ap = curves.auroc_C, curves.average_precision_C
+    elif probs_NxC is None:
         return summary
-    if labels_N is None:
+    elif labels_N is None:
         raise ValueError("classification_summary needs labels_N together with probs_NxC")
-    (per_class_auroc, per_class_ap), _ = _per_class(
-        _auroc_and_average_precision, probs_NxC, labels_N, mask_N
-    )
+    else:
+        (per_class_auroc, per_class_ap), _ = _per_class(
+            _auroc_and_average_precision, probs_NxC, labels_N, mask_N
+        )
     summary["auroc"] = per_class_auroc
     summary["auroc_macro"] = _nanmean(per_class_auroc)
     summary["average_precision"] = per_class_ap

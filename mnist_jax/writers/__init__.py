@@ -33,6 +33,7 @@ class TestResults:
     images_NxHxW: np.ndarray
     class_names: tuple[str, ...]
     confusion_CxC: np.ndarray
+    curves: Any = None  # the evaluation's `metrics.OneVsRestCurves`; None: computed from probs
 
 
 class Writer:

@@ -110,7 +110,7 @@ class WandbMirror(Writer):
             probs_NxC, labels_N = np.asarray(results.probs_NxC), np.asarray(results.labels_N)
             images_NxHxW, confusion_CxC = results.images_NxHxW, results.confusion_CxC
             class_names = results.class_names
-            roc_rows, pr_rows = curve_rows(probs_NxC, labels_N, class_names)
+            roc_rows, pr_rows = curve_rows(probs_NxC, labels_N, class_names, results.curves)
             payload = {
                 metric_key("test", "confusion_chart"): confusion_chart(
                     np.asarray(confusion_CxC), class_names
@@ -406,16 +406,21 @@ def confusion_chart(confusion_CxC: np.ndarray, class_names: tuple[str, ...]) -> 
 
 
 def curve_rows(
-    probs_NxC: np.ndarray, labels_N: np.ndarray, class_names: tuple[str, ...]
+    probs_NxC: np.ndarray,
+    labels_N: np.ndarray,
+    class_names: tuple[str, ...],
+    curves: Any = None,
 ) -> tuple[list[list[Any]], list[list[Any]]]:
     """One-vs-rest ROC rows `[class, fpr, tpr]` and PR rows `[class, recall, precision]`.
 
-    The curves come from `mnist_jax.metrics` (wandb.plot.roc_curve/pr_curve would pull in
-    pandas and scikit-learn and recompute them), all classes in one compiled call.
+    The curves are the evaluation's own (`curves`), else computed by `mnist_jax.metrics`, all
+    classes in one compiled call (wandb.plot.roc_curve/pr_curve would pull in pandas and
+    scikit-learn and recompute them).
     """
     from mnist_jax import metrics, parallel
 
-    curves = parallel.jit(metrics.one_vs_rest_curves)(probs_NxC, labels_N.astype(np.int32))
+    if curves is None:
+        curves = parallel.jit(metrics.one_vs_rest_curves)(probs_NxC, labels_N.astype(np.int32))
     roc, pr = metrics.curve_points(curves)
     roc_rows, pr_rows = [], []
     for name, (fpr, tpr), (recall, precision) in zip(class_names, roc, pr, strict=True):
