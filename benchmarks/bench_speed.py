@@ -14,8 +14,10 @@
   offline, as the plain command does for a user with wandb and no API key;
 - evaluation: the full test set in one compiled call, counts only against counts, stacked
   probabilities and every metric (what `Trainer.evaluate` runs), for fast.toml's model and the
-  classic CNN, beside the floor that the backend's float32 matmul rate puts under each: the
-  model's forward FLOPs over the rate of a large square matmul timed in the same run.
+  classic CNN (where the backend runs a model's first block as a matrix product, the same model
+  with it as a convolution beside it), and the floor that the backend's float32 matmul rate
+  puts under each: the model's forward FLOPs over the rate of a large square matmul timed in
+  the same run.
 
     python benchmarks/bench_speed.py [--data-dir DIR] [--steps 200] [--seeds 0,1,2]
         [--recipe experiments/fast.toml ...] [--eval-repeats 5] [--no-fast] [--no-epoch]
@@ -46,6 +48,7 @@ from flax import nnx
 
 from mnist_jax import data, models, steps
 from mnist_jax.config import Config, config_from
+from mnist_jax.models.cnn import stem_matmul
 from mnist_jax.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -436,9 +439,13 @@ def main() -> None:
         )
     if args.eval_repeats > 0:
         flops = {name: model["flops_per_example"] for name, model in results["models"].items()}
-        results["eval_seconds"] = evaluations(
-            {"fast": fast, "classic": classic}, dataset, args.eval_repeats, flops
-        )
+        configs = {"fast": fast, "classic": classic}
+        for name, config in list(configs.items()):
+            if stem_matmul(config.stem, config.pool, jax.default_backend()):
+                # the same model with its first block as a convolution: the baseline
+                configs[f"{name}, stem conv"] = config.replace(stem="conv")
+                flops[f"{name}, stem conv"] = flops[name]
+        results["eval_seconds"] = evaluations(configs, dataset, args.eval_repeats, flops)
     print_table(results)
     print()
     write_results(RESULTS, **{k: v for k, v in results.items() if k != "machine"})

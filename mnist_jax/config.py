@@ -28,6 +28,7 @@ SCHEDULES = ("constant", "cosine", "onecycle")
 NORMS = ("none", "batch", "layer")
 POOLS = ("avg", "max")
 PADDINGS = ("same", "valid")
+STEMS = ("auto", "conv", "matmul")
 WANDB_MODES = ("online", "offline", "disabled")
 MAX_CONV_BLOCKS = 4  # 28 -> 14 -> 7 -> 3 -> 1 pixels
 MAX_KERNEL = 28  # no larger than the image
@@ -132,6 +133,14 @@ class Config:
         "Examples per pass through the convolutions in a train step, the batch cut into chunks "
         "of this size: the same result, faster on CPU caches (0: chosen per backend: 8 on CPU, "
         "the whole batch on GPU/TPU and with batch normalisation).",
+    )
+    stem: str = option(
+        "auto",
+        "How the first convolution block computes: one of {choices}. conv: a convolution, then "
+        "pooling; matmul: one matrix product over 2x2 blocks of pixels gives all four pixels "
+        "of each pooling window, the same values (auto: matmul on CPU with max pooling, where "
+        "it was faster; conv otherwise).",
+        choices=STEMS,
     )
     log_every: int = option(50, "Log training metrics every this many steps.")
     deterministic: bool = option(

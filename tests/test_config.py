@@ -135,6 +135,9 @@ def test_field_types_drive_coercion():
         ({"batch_size": 8}, "cpu", None),  # nothing to cut
         ({"norm": "batch"}, "cpu", None),  # its statistics are the whole batch's
         ({"norm": "layer"}, "cpu", 8),
+        ({"pool": "max", "batch_size": 64}, "cpu", 16),  # the first block a matrix product
+        ({"pool": "max", "stem": "conv"}, "cpu", 8),
+        ({"pool": "max", "batch_size": 64}, "gpu", None),
         ({}, "gpu", None),
         ({}, "tpu", None),
         ({"conv_chunk": 16}, "gpu", 16),  # asked for: done everywhere

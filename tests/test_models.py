@@ -15,6 +15,7 @@ from flax import nnx
 from mnist_jax import data, models, train
 from mnist_jax.config import Config
 from mnist_jax.errors import UserError
+from mnist_jax.models.cnn import pooling_phases, stem_matmul
 
 MNIST = data.spec("mnist")
 
@@ -262,3 +263,83 @@ def test_batch_normalisation_is_never_chunked():
     images = np.zeros((8, 28, 28, 1), np.float32)
     with pytest.raises(ValueError, match="batch normalisation needs the whole batch"):
         model(images, train=True, conv_chunk=4)
+
+
+def convolution_by_numpy(x, kernel, bias, padding):
+    """A stride-1 convolution as the sum over each window, written out in numpy."""
+    k = kernel.shape[0]
+    if padding == "same":
+        low = (k - 1) // 2
+        x = np.pad(x, ((0, 0), (low, k - 1 - low), (low, k - 1 - low), (0, 0)))
+    windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))
+    return np.einsum("bhwcij,ijco->bhwo", windows, kernel, optimize=True) + bias
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+@pytest.mark.parametrize("kernel", [1, 2, 3, 4, 5])
+def test_pooling_phases_are_every_pooled_pixel_of_the_convolution(kernel, padding):
+    """The matrix product over 2x2 blocks gives, at [:, p, q, 2dy + dx], the convolution's
+    pixel (2p + dy, 2q + dx), for odd and even kernels and sizes (the odd last row, which
+    pooling drops, is not there)."""
+    rng = np.random.default_rng(kernel)
+    x = rng.random((3, 13, 12, 2), dtype=np.float32)
+    w = rng.standard_normal((kernel, kernel, 2, 5)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    want = convolution_by_numpy(x.astype(np.float64), w.astype(np.float64), b, padding)
+    got = np.asarray(pooling_phases(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), padding))
+    p, q = want.shape[1] // 2, want.shape[2] // 2
+    assert got.shape == (3, p, q, 4, 5)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            np.testing.assert_allclose(
+                got[:, :, :, 2 * dy + dx], want[:, dy : 2 * p : 2, dx : 2 * q : 2], atol=2e-5
+            )
+
+
+def test_the_stem_is_a_matrix_product_on_the_cpu_with_max_pooling_unless_asked():
+    assert stem_matmul("auto", "max", "cpu")
+    assert not stem_matmul("auto", "avg", "cpu")
+    assert not stem_matmul("auto", "max", "gpu") and not stem_matmul("auto", "max", "tpu")
+    assert stem_matmul("matmul", "avg", "gpu") and not stem_matmul("conv", "max", "cpu")
+
+
+def loss_grads_and_state(config, images, labels):
+    """Loss, logits, gradients and the updated batch statistics of one training batch."""
+    model = models.create_model(config, MNIST, 0)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p):
+        merged = nnx.merge(graphdef, p, rest, copy=True)
+        logits = merged(images, train=True)
+        logp = jax.nn.log_softmax(logits)
+        return -logp[jnp.arange(len(labels)), labels].mean(), (logits, nnx.state(merged))
+
+    (value, (logits, state)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return value, logits, grads, state
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"conv_features": (8, 16)},
+        {"conv_kernels": (5, 3), "conv_padding": "valid", "pool": "max", "pool_first": True},
+        {"conv_kernels": (4, 3), "conv_padding": "valid", "pool_first": True, "norm": "layer"},
+        {"conv_kernels": (3, 3), "norm": "batch"},
+    ],
+    ids=["classic-shape", "fast-shape", "even-kernel-layernorm", "batchnorm"],
+)
+def test_the_matmul_stem_is_the_same_model_and_gradients(changes):
+    """The first block as a matrix product computes what the convolution computes: the same
+    logits, loss, gradients and batch statistics (to float32 summation order), with average or
+    max pooling before or after the ReLU and either normalisation."""
+    config = Config(conv_features=(8, 8), dense_features=32).replace(**changes)
+    rng = np.random.default_rng(5)
+    images = rng.random((16, 28, 28, 1), dtype=np.float32)
+    labels = rng.integers(0, 10, 16)
+    conv = loss_grads_and_state(config.replace(stem="conv"), images, labels)
+    matmul = loss_grads_and_state(config.replace(stem="matmul"), images, labels)
+    assert float(matmul[0]) == pytest.approx(float(conv[0]), rel=1e-6)
+    np.testing.assert_allclose(matmul[1], conv[1], rtol=1e-5, atol=1e-5)
+    for got, want in zip(jax.tree.leaves(matmul[2:]), jax.tree.leaves(conv[2:]), strict=True):
+        # a convolution bias followed by batch normalisation has a zero gradient: atol
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -164,6 +164,7 @@ def test_fit_writes_the_run_record(tiny):
     backend = jax.default_backend()
     assert execution["steps_per_call"] == (1 if backend == "cpu" else 8)  # a whole epoch
     assert execution["conv_chunk"] == (8 if backend == "cpu" else config.batch_size)
+    assert execution["stem"] == "conv"  # the classic CNN pools by average
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epoch_events = [e for e in events if "test/accuracy" in e]
     assert [e["epoch"] for e in epoch_events] == [1, 2]
