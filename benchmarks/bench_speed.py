@@ -14,10 +14,10 @@
   offline, as the plain command does for a user with wandb and no API key;
 - evaluation: the full test set in one compiled call, counts only against counts, stacked
   probabilities and every metric (what `Trainer.evaluate` runs), for fast.toml's model and the
-  classic CNN (where the backend runs a model's first block as a matrix product, the same model
-  with it as a convolution beside it), and the floor that the backend's float32 matmul rate
-  puts under each: the model's forward FLOPs over the rate of a large square matmul timed in
-  the same run.
+  classic CNN, each beside the same model with its first block computed the other way (`--stem
+  conv` where the backend chose a matrix product, `--stem matmul` where it chose a convolution),
+  and the floor that the backend's float32 matmul rate puts under each: the model's forward
+  FLOPs over the rate of a large square matmul timed in the same run.
 
     python benchmarks/bench_speed.py [--data-dir DIR] [--steps 200] [--seeds 0,1,2]
         [--recipe experiments/fast.toml ...] [--eval-repeats 5] [--no-fast] [--no-epoch]
@@ -441,10 +441,11 @@ def main() -> None:
         flops = {name: model["flops_per_example"] for name, model in results["models"].items()}
         configs = {"fast": fast, "classic": classic}
         for name, config in list(configs.items()):
-            if stem_matmul(config.stem, config.pool, jax.default_backend()):
-                # the same model with its first block as a convolution: the baseline
-                configs[f"{name}, stem conv"] = config.replace(stem="conv")
-                flops[f"{name}, stem conv"] = flops[name]
+            # the same model with its first block computed the other way
+            chosen = stem_matmul(config.stem, config.pool, jax.default_backend())
+            other = "conv" if chosen else "matmul"
+            configs[f"{name}, stem {other}"] = config.replace(stem=other)
+            flops[f"{name}, stem {other}"] = flops[name]
         results["eval_seconds"] = evaluations(configs, dataset, args.eval_repeats, flops)
     print_table(results)
     print()

@@ -132,7 +132,7 @@ class Config:
         0,
         "Examples per pass through the convolutions in a train step, the batch cut into chunks "
         "of this size: the same result, faster on CPU caches (0: chosen per backend: 8 on CPU, "
-        "the whole batch on GPU/TPU and with batch normalisation).",
+        "16 with the matmul stem, the whole batch on GPU/TPU and with batch normalisation).",
     )
     stem: str = option(
         "auto",

@@ -15,7 +15,7 @@ from flax import nnx
 from mnist_jax import data, models, train
 from mnist_jax.config import Config
 from mnist_jax.errors import UserError
-from mnist_jax.models.cnn import pooling_phases, stem_matmul
+from mnist_jax.models.cnn import phase_matrix, pooling_phases, stem_matmul
 
 MNIST = data.spec("mnist")
 
@@ -286,7 +286,9 @@ def test_pooling_phases_are_every_pooled_pixel_of_the_convolution(kernel, paddin
     w = rng.standard_normal((kernel, kernel, 2, 5)).astype(np.float32)
     b = rng.standard_normal(5).astype(np.float32)
     want = convolution_by_numpy(x.astype(np.float64), w.astype(np.float64), b, padding)
-    got = np.asarray(pooling_phases(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), padding))
+    got = np.asarray(
+        pooling_phases(jnp.asarray(x), phase_matrix(w), jnp.asarray(b), kernel, padding)
+    )
     p, q = want.shape[1] // 2, want.shape[2] // 2
     assert got.shape == (3, p, q, 4, 5)
     for dy in (0, 1):

@@ -70,12 +70,15 @@ class CNN(nnx.Module):
         dropout_rate: Any = None,
         conv_chunk: int | None = None,
     ) -> jax.Array:
-        matmul_stem = stem_matmul(self.stem, self.pool, jax.default_backend())
+        stem = None
+        if stem_matmul(self.stem, self.pool, jax.default_backend()):
+            # built once, outside the chunks: one matrix and one gradient into the kernel
+            stem = phase_matrix(self.convs[0].kernel[...]), self.convs[0].bias[...]
 
         def features(x: jax.Array) -> jax.Array:
             for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
-                if i == 0 and matmul_stem:
-                    x = pooling_phases(x, conv.kernel[...], conv.bias[...], self.padding)
+                if i == 0 and stem is not None:
+                    x = pooling_phases(x, *stem, self.kernels[0], self.padding)
                     pool = self._pool_phases
                 else:
                     x, pool = conv(x), self._pool
@@ -166,25 +169,40 @@ def stem_matmul(stem: str, pool: str, backend: str) -> bool:
     return stem == "matmul"
 
 
-def pooling_phases(
-    x_BxHxWxC: jax.Array, kernel_KxKxCxO: jax.Array, bias_O: jax.Array, padding: str
-) -> jax.Array:
-    """A stride-1 convolution (kernel K, `padding`) plus bias, laid out for 2x2 pooling as
-    (batch, P, Q, 4, O): [:, p, q, 2dy + dx] is the convolution's pixel (2p + dy, 2q + dx), so
-    pooling is a max or mean over axis 3. An odd last row or column of the convolution, which
-    pooling drops, is not computed.
+def phase_matrix(kernel_KxKxCxO: jax.Array) -> jax.Array:
+    """The (J*J*4C) x (4O) matrix of `pooling_phases` (J = K // 2 + 1): column block 2dy + dx
+    is the K x K kernel shifted by (dy, dx) inside a 2J x 2J window of zeros, its rows in the
+    order of the patches' (block row, block column, row in block, column in block, channel)."""
+    k, _, c, o = kernel_KxKxCxO.shape
+    j = k // POOL + 1
+    phases = []
+    for dy in range(POOL):
+        for dx in range(POOL):
+            shifted = jnp.pad(
+                kernel_KxKxCxO,
+                ((dy, POOL * j - k - dy), (dx, POOL * j - k - dx), (0, 0), (0, 0)),
+            )
+            shifted = shifted.reshape(j, POOL, j, POOL, c, o).transpose(0, 2, 1, 3, 4, 5)
+            phases.append(shifted.reshape(j * j * 4 * c, o))
+    return jnp.stack(phases, axis=1).reshape(j * j * 4 * c, 4 * o)
 
-    One matrix product: the input is cut into 2x2 blocks (space to depth, C -> 4C channels);
-    each pooled pixel's patch is J x J such blocks (J = K // 2 + 1); the four phases' kernels,
-    each the K x K kernel shifted by (dy, dx) inside a 2J x 2J window of zeros, are the columns of
-    one (J*J*4C) x (4O) matrix. The zeros cost (2J/K)^2 more multiply-adds than the convolution
-    (1.44x for K = 5)."""
-    k = kernel_KxKxCxO.shape[0]
+
+def pooling_phases(
+    x_BxHxWxC: jax.Array, matrix: jax.Array, bias_O: jax.Array, kernel: int, padding: str
+) -> jax.Array:
+    """A stride-1 convolution (a `kernel` x `kernel` kernel as `phase_matrix`, `padding`) plus
+    bias, laid out for 2x2 pooling as (batch, P, Q, 4, O): [:, p, q, 2dy + dx] is the
+    convolution's pixel (2p + dy, 2q + dx), so pooling is a max or mean over axis 3. An odd last
+    row or column of the convolution, which pooling drops, is not computed.
+
+    One matrix product: the input is cut into 2x2 blocks (space to depth, C -> 4C channels),
+    each pooled pixel's patch is J x J such blocks, times `phase_matrix`'s four shifted kernels.
+    Its zeros cost (2J/K)^2 more multiply-adds than the convolution (1.44x for K = 5)."""
+    k = kernel
     if padding == "same":
         low = (k - 1) // 2
         x_BxHxWxC = jnp.pad(x_BxHxWxC, ((0, 0), (low, k - 1 - low), (low, k - 1 - low), (0, 0)))
     b, h, w, c = x_BxHxWxC.shape
-    o = kernel_KxKxCxO.shape[3]
     p, q = (h - k + 1) // POOL, (w - k + 1) // POOL
     j = k // POOL + 1
     # The rows and columns the kept outputs read, rounded up to whole blocks: a row added here
@@ -197,18 +215,8 @@ def pooling_phases(
     patches = jnp.concatenate(
         [blocks[:, di : di + p, dj : dj + q] for di in range(j) for dj in range(j)], axis=-1
     )
-    phases = []
-    for dy in range(POOL):
-        for dx in range(POOL):
-            shifted = jnp.pad(
-                kernel_KxKxCxO,
-                ((dy, POOL * j - k - dy), (dx, POOL * j - k - dx), (0, 0), (0, 0)),
-            )
-            shifted = shifted.reshape(j, POOL, j, POOL, c, o).transpose(0, 2, 1, 3, 4, 5)
-            phases.append(shifted.reshape(j * j * 4 * c, o))
-    matrix = jnp.stack(phases, axis=1).reshape(j * j * 4 * c, 4 * o)
     out = patches.reshape(b * p * q, -1) @ matrix
-    return out.reshape(b, p, q, 4, o) + bias_O
+    return out.reshape(b, p, q, 4, -1) + bias_O
 
 
 def max_pool(x_BxHxWxC: jax.Array) -> jax.Array:
