@@ -155,15 +155,15 @@ def stem_matmul(stem: str, pool: str, backend: str) -> bool:
     """Whether the first block runs as `pooling_phases` (a matrix product) rather than as a
     convolution: `stem` (`Config.stem`); auto: on the CPU, with max pooling.
 
-    Measured on a 2-core CPU, first blocks of one input channel: with max pooling the matrix
-    product was faster for every shape tried (5x5 valid into 16 channels, fast.toml's: 10,000
-    images evaluated in 160 instead of 310 ms, the gradient of batch 128 in chunks of 8 in 8.5
-    instead of 15.8 ms; 3x3 and 32 channels, same padding, alike); XLA:CPU's convolution of one
-    input channel makes poor use of the vector units, and its output before max pooling is 4x
-    what is kept. With average pooling after the ReLU (the classic CNN's 3x3 into 32 channels)
-    the convolution was 2.5x faster to evaluate. Later blocks (16 input channels) were as fast
-    or faster as convolutions, so only the first block has the choice. On GPU/TPU it is not
-    measured yet: auto keeps the convolution there."""
+    Measured on a 2-core CPU, the block alone, one input channel: with max pooling the matrix
+    product was faster for every shape tried (fast.toml's 5x5 valid convolution into 16
+    channels: 5,000 images evaluated in 160 instead of 310 ms, the gradient of a batch of 128
+    in chunks of 8 in 8.5 instead of 15.8 ms; a 3x3 same convolution into 32 channels: 500
+    instead of 820 ms, 11.2 instead of 18.9 ms), since XLA:CPU's convolution of one input
+    channel makes poor use of the vector units. With average pooling after the ReLU (the
+    classic CNN's first block) the convolution was 2.5x faster to evaluate. Later blocks (16
+    input channels) were as fast or faster as convolutions, so only the first block has the
+    choice. On GPU/TPU it is not measured yet: auto keeps the convolution there."""
     if stem == "auto":
         return backend == "cpu" and pool == "max"
     return stem == "matmul"
