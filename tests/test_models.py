@@ -200,20 +200,26 @@ def test_chunks_are_put_back_in_batch_order():
         in_chunks(per_example, x, 5)
 
 
-def loss_and_grads(model, images, labels, conv_chunk):
-    graphdef, params = nnx.split(model, nnx.Param)
-    return _loss_and_grads(graphdef, params, images, labels, conv_chunk)
+def loss_and_grads(model, images, labels, conv_chunk=None):
+    """Loss, logits, gradients and the updated batch statistics (if any) of one training
+    batch."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return _loss_and_grads(graphdef, params, rest, images, labels, conv_chunk)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _loss_and_grads(graphdef, params, images, labels, conv_chunk):
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _loss_and_grads(graphdef, params, rest, images, labels, conv_chunk):
     def loss(p):
-        logits = nnx.merge(graphdef, p)(images, train=True, conv_chunk=conv_chunk)
+        merged = nnx.merge(graphdef, p, rest, copy=True)
+        logits = merged(images, train=True, conv_chunk=conv_chunk)
         logp = jax.nn.log_softmax(logits)
-        return -logp[jnp.arange(len(labels)), labels].mean(), logits
+        return -logp[jnp.arange(len(labels)), labels].mean(), (
+            logits,
+            nnx.state(merged, nnx.BatchStat),
+        )
 
-    (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
-    return value, logits, grads
+    (value, (logits, stats)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return value, logits, grads, stats
 
 
 @pytest.mark.parametrize(
@@ -240,9 +246,9 @@ def test_convolutions_in_chunks_are_the_same_model_and_gradients(config):
     images = rng.random((32, 28, 28, 1), dtype=np.float32)
     labels = rng.integers(0, 10, 32)
     model = models.create_model(config, MNIST, 0)
-    loss_whole, logits_whole, grads_whole = loss_and_grads(model, images, labels, None)
+    loss_whole, logits_whole, grads_whole, _ = loss_and_grads(model, images, labels, None)
     for chunk in (4, 8, 16):
-        loss_c, logits_c, grads_c = loss_and_grads(model, images, labels, chunk)
+        loss_c, logits_c, grads_c, _ = loss_and_grads(model, images, labels, chunk)
         np.testing.assert_allclose(logits_c, logits_whole, rtol=1e-5, atol=1e-6)
         assert float(loss_c) == pytest.approx(float(loss_whole), rel=1e-6)
         for got, want in zip(jax.tree.leaves(grads_c), jax.tree.leaves(grads_whole), strict=True):
@@ -305,21 +311,6 @@ def test_the_stem_is_a_matrix_product_on_the_cpu_with_max_pooling_unless_asked()
     assert stem_matmul("matmul", "avg", "gpu") and not stem_matmul("conv", "max", "cpu")
 
 
-def loss_grads_and_state(config, images, labels):
-    """Loss, logits, gradients and the updated batch statistics of one training batch."""
-    model = models.create_model(config, MNIST, 0)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def loss(p):
-        merged = nnx.merge(graphdef, p, rest, copy=True)
-        logits = merged(images, train=True)
-        logp = jax.nn.log_softmax(logits)
-        return -logp[jnp.arange(len(labels)), labels].mean(), (logits, nnx.state(merged))
-
-    (value, (logits, state)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-    return value, logits, grads, state
-
-
 @pytest.mark.parametrize(
     "changes",
     [
@@ -338,8 +329,10 @@ def test_the_matmul_stem_is_the_same_model_and_gradients(changes):
     rng = np.random.default_rng(5)
     images = rng.random((16, 28, 28, 1), dtype=np.float32)
     labels = rng.integers(0, 10, 16)
-    conv = loss_grads_and_state(config.replace(stem="conv"), images, labels)
-    matmul = loss_grads_and_state(config.replace(stem="matmul"), images, labels)
+    conv, matmul = (
+        loss_and_grads(models.create_model(config.replace(stem=stem), MNIST, 0), images, labels)
+        for stem in ("conv", "matmul")
+    )
     assert float(matmul[0]) == pytest.approx(float(conv[0]), rel=1e-6)
     np.testing.assert_allclose(matmul[1], conv[1], rtol=1e-5, atol=1e-5)
     for got, want in zip(jax.tree.leaves(matmul[2:]), jax.tree.leaves(conv[2:]), strict=True):

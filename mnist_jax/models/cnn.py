@@ -11,6 +11,11 @@ explicit key so that the train step stays a pure function of `(state, batch, rng
 activations and their gradients stay in the CPU's caches. On a 2-core CPU it made the classic
 CNN's train step ~2x faster (batch 128, chunks of 4-8); on a GPU it would only serialise work,
 so the trainer chooses it per backend (`mnist_jax.trainer.conv_chunk`).
+
+`Config.stem` chooses how the first block computes: as a convolution, or as `pooling_phases`,
+one matrix product that gives the four pixels of every pooling window at once (the same
+function; on the CPU, where a convolution of one input channel is slow, auto picks it for max
+pooling: `stem_matmul`).
 """
 
 from __future__ import annotations
