@@ -602,7 +602,9 @@ def compile_program(
             program = _compile_exported(*exported, donate=donate, once=once, fallback=again)
         except Exception:  # noqa: BLE001 - a program jax.export cannot save still runs
             return compile(fn, *args, donate=donate, once=once)
-        with contextlib.suppress(OSError):  # a read-only or full cache costs the next run time
+        # A read-only or full cache, or a program jax.export cannot write, costs the next run
+        # time, not this run.
+        with contextlib.suppress(Exception):
             _write_program(path, exported)
         return program
 

@@ -180,6 +180,24 @@ def test_a_program_that_cannot_be_exported_is_compiled_as_it_is(
     assert not kept_programs.exists()
 
 
+def test_without_flatbuffers_a_program_is_traced_each_time_and_still_runs(
+    kept_programs, monkeypatch
+):
+    """jax.export writes and reads a program with flatbuffers, which jax leaves optional: where
+    it is missing, a run goes on as if nothing were kept, and what is kept stays whole."""
+    params, x = affine_args()
+    parallel.compile_program(affine, lambda: (params, x), key={"kept": True})
+    kept = {p.name: p.read_bytes() for p in kept_programs.iterdir()}
+    monkeypatch.setitem(sys.modules, "flatbuffers", None)  # import flatbuffers: ImportError
+    monkeypatch.delitem(sys.modules, "jax._src.export.serialization", raising=False)
+    for key in ({"kept": True}, {"kept": False}, {"kept": False}):
+        with parallel.count_compilations() as counts:
+            program = parallel.compile_program(affine, lambda: (params, x), key=key)
+        assert counts["traced"] == 1
+        np.testing.assert_array_equal(program(params, x)["y"], x @ params["w"] + params["b"])
+    assert {p.name: p.read_bytes() for p in kept_programs.iterdir()} == kept
+
+
 def test_without_a_compilation_cache_nothing_is_kept(tmp_path, monkeypatch):
     monkeypatch.setattr(parallel, "_programs_dir", None)
     params, x = affine_args()
