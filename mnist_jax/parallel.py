@@ -700,7 +700,8 @@ def _count_traced() -> None:
 
 
 def _dtype(x: Any) -> Any:
-    return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+    """The dtype `x` has as a program's argument: a host int or float is 32-bit unless x64 is on."""
+    return jax.dtypes.canonicalize_dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
 
 
 def _compile_exported(

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import jax
@@ -206,6 +207,22 @@ def test_without_a_compilation_cache_nothing_is_kept(tmp_path, monkeypatch):
             program = parallel.compile_program(affine, lambda: (params, x), key={})
     assert counts["traced"] == 2
     np.testing.assert_array_equal(program(params, x)["y"], x @ params["w"] + params["b"])
+
+
+def test_host_scalar_arguments_are_exported_as_jax_makes_them_without_a_warning(kept_programs):
+    """A Python int or float argument (a step, a learning rate) is exported with the dtype JAX
+    gives it, 32-bit unless x64 is on: asking jax.export for int64 warns from jax 0.11 on."""
+
+    def scale(x, k, lr):
+        return x * k * lr
+
+    x = np.float32([1, 2, 3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):  # exported, then kept
+            program = parallel.compile_program(scale, lambda: (x, 3, 0.5), key={})
+            np.testing.assert_array_equal(program(x, 4, 0.25), x)
+    assert len(list(kept_programs.iterdir())) == 1
 
 
 def test_a_kept_program_still_donates_its_arguments(kept_programs):
