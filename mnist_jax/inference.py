@@ -85,7 +85,7 @@ def restore_run(run_dir: str | Path, overrides: dict[str, Any] | None = None) ->
 def _state_shapes(built: steps.Steps, seed: int) -> steps.TrainState:
     """The train state's shapes and types on the default device, to restore into: nothing is
     initialised or compiled for weights that the checkpoint replaces."""
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = parallel.default_device()
     shapes = jax.eval_shape(built.init, np.uint32(seed))
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
 

@@ -402,6 +402,12 @@ def replicated() -> NamedSharding | None:
     return None if _mesh is None else NamedSharding(_mesh, PartitionSpec())
 
 
+def default_device() -> NamedSharding:
+    """The default device alone, for arrays that go there whatever the mesh (a checkpoint
+    restored for evaluation): a one-device mesh, which every jax version names the same way."""
+    return NamedSharding(Mesh(jax.devices()[:1], (BATCH_AXIS,)), PartitionSpec())
+
+
 def sharded(axis: int = 0) -> NamedSharding | None:
     """Axis `axis` split over the mesh's devices (None before `use_devices`)."""
     if _mesh is None:
