@@ -36,19 +36,19 @@ result() {  # result NAME: the benchmark's JSON, only when this run wrote it
   rm -f "benchmarks/results/$1.json"
 }
 
-timeout 30 python -c "import jax, flax, optax, platform; print(platform.node(), jax.devices(), \
+timeout 30 python3 -c "import jax, flax, optax, platform; print(platform.node(), jax.devices(), \
 jax.__version__, flax.__version__, optax.__version__)" >"$out/steps.txt" 2>&1
 cat "$out/steps.txt"
-step suite "$SUITE_S" python -m pytest -q -m "not slow" -p no:cacheprovider
+step suite "$SUITE_S" python3 -m pytest -q -m "not slow" -p no:cacheprovider
 result speed
-step speed "$SPEED_S" python benchmarks/bench_speed.py --data-dir "$data" \
+step speed "$SPEED_S" python3 benchmarks/bench_speed.py --data-dir "$data" \
   --recipe experiments/fast.toml --recipe experiments/fast_gpu.toml
 cp benchmarks/results/speed.json "$out/" 2>/dev/null
 result flags
-step flags "$FLAGS_S" python benchmarks/bench_flags.py -- --config experiments/fast_gpu.toml \
+step flags "$FLAGS_S" python3 benchmarks/bench_flags.py -- --config experiments/fast_gpu.toml \
   --data-dir "$data"
 cp benchmarks/results/flags.json "$out/" 2>/dev/null
 result sweep
-step sweep "$SWEEP_S" python benchmarks/bench_sweep.py --train-examples 60000 --test-examples 10000
+step sweep "$SWEEP_S" python3 benchmarks/bench_sweep.py --train-examples 60000 --test-examples 10000
 cp benchmarks/results/sweep.json "$out/" 2>/dev/null
 exit 0
