@@ -19,13 +19,16 @@ SUITE_S=${SUITE_S:-90} SPEED_S=${SPEED_S:-220} FLAGS_S=${FLAGS_S:-130} SWEEP_S=$
 mkdir -p "$out"
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here" || exit 1
+# The checkout, importable by the benchmark scripts where mnist-jax is not installed.
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 
 step() {  # step NAME SECONDS COMMAND...: runs it, keeps its output and exit status
   local name=$1 seconds=$2
   shift 2
   echo "== $name (at most ${seconds}s): $*"
   local t0=$SECONDS
-  timeout --kill-after=10 "$seconds" "$@" >"$out/$name.txt" 2>&1
+  # SIGINT: pytest still prints its summary (what failed so far), Python unwinds and closes files.
+  timeout -s INT --kill-after=10 "$seconds" "$@" >"$out/$name.txt" 2>&1
   local rc=$?
   echo "$name: exit $rc after $((SECONDS - t0)) s" | tee -a "$out/steps.txt"
   tail -n 25 "$out/$name.txt"
@@ -39,7 +42,14 @@ result() {  # result NAME: the benchmark's JSON, only when this run wrote it
 timeout 30 python3 -c "import jax, flax, optax, platform; print(platform.node(), jax.devices(), \
 jax.__version__, flax.__version__, optax.__version__)" >"$out/steps.txt" 2>&1
 cat "$out/steps.txt"
-step suite "$SUITE_S" python3 -m pytest -q -m "not slow" -p no:cacheprovider
+# The quick tests on a worker per two cores (at most 8) where pytest-xdist is installed, each
+# taking GPU memory as it needs it (JAX's default, 75% of the card per process, leaves the
+# second worker none).
+workers=()
+n=$(($(nproc) / 2)); n=$((n > 8 ? 8 : n))
+if ((n > 1)) && python3 -c "import xdist" 2>/dev/null; then workers=(-n "$n"); fi
+XLA_PYTHON_CLIENT_PREALLOCATE=false step suite "$SUITE_S" python3 -m pytest -q -m "not slow" \
+  -p no:cacheprovider ${workers[@]+"${workers[@]}"}
 result speed
 step speed "$SPEED_S" python3 benchmarks/bench_speed.py --data-dir "$data" \
   --recipe experiments/fast.toml --recipe experiments/fast_gpu.toml
