@@ -52,7 +52,6 @@ cli.run()
 def declared_distributions(root: str = "mnist-jax") -> set[str]:
     """`root` and what its requirements need, transitively, without extras it does not ask
     for, for this platform's markers."""
-    found: set[str] = set()
     todo = [(root, frozenset({""}))]
     seen: set[tuple[str, frozenset[str]]] = set()
     while todo:
@@ -60,7 +59,6 @@ def declared_distributions(root: str = "mnist-jax") -> set[str]:
         if (canonicalize_name(name), extras) in seen:
             continue
         seen.add((canonicalize_name(name), extras))
-        found.add(canonicalize_name(name))
         try:
             requirements = importlib.metadata.distribution(name).requires or []
         except importlib.metadata.PackageNotFoundError:
@@ -70,7 +68,7 @@ def declared_distributions(root: str = "mnist-jax") -> set[str]:
             marker = requirement.marker
             if marker is None or any(marker.evaluate({"extra": e}) for e in extras):
                 todo.append((requirement.name, frozenset({"", *requirement.extras})))
-    return found
+    return {name for name, _ in seen}
 
 
 def undeclared_modules() -> list[str]:

@@ -371,8 +371,16 @@ def test_checkpoint_round_trip_restores_every_array(tmp_path, mnist):
         {"norm": "batch", "dropout": 0.3},
         {"norm": "layer", "schedule": "constant", "warmup_steps": 4},
         # fast.toml's model, its first block a matrix product on every backend
-        {"conv_kernels": (5, 3), "conv_padding": "valid", "pool": "max", "pool_first": True}
-        | {"stem": "matmul", "optimizer": "adam", "momentum": 0.7, "beta2": 0.9},
+        {
+            "conv_kernels": (5, 3),
+            "conv_padding": "valid",
+            "pool": "max",
+            "pool_first": True,
+            "stem": "matmul",
+            "optimizer": "adam",
+            "momentum": 0.7,
+            "beta2": 0.9,
+        },
     ],
 )
 def test_every_optimizer_schedule_and_model_option_trains(tiny, changes):
