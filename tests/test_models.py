@@ -32,6 +32,8 @@ def test_the_classic_cnn_describes_itself_as_computed_by_hand():
     assert by_name["conv0"]["flops"] == 2 * 28 * 28 * 9 * 1 * 32
     assert by_name["conv1"]["flops"] == 2 * 14 * 14 * 9 * 32 * 64
     assert described["flops_per_example"] == 451_584 + 7_225_344 + 1_605_632 + 5_120
+    # forward, then the gradients into each layer's weights and input; none into the images
+    assert described["train_flops_per_example"] == 3 * 9_287_680 - 451_584
     assert [layer["output_shape"] for layer in described["layers"]] == [
         [28, 28, 32],
         [14, 14, 32],
@@ -41,6 +43,35 @@ def test_the_classic_cnn_describes_itself_as_computed_by_hand():
         [10],
     ]
     assert described["input_shape"] == [28, 28, 1] and described["name"] == "cnn"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"conv_kernels": (5, 5), "pool": "max"}, {"conv_features": (32, 64, 128)}],
+    ids=["classic", "5x5-max", "three-blocks"],
+)
+def test_a_training_step_costs_what_xla_counts_relative_to_the_forward_pass(options):
+    """XLA's own cost analysis of the compiled forward pass and of its gradient is the oracle.
+    It counts elementwise work too and skips the padding's taps, so its totals differ from ours
+    by a few percent, but where multiply-adds dominate, a step's share of gradient work must be
+    the same."""
+    config = Config(**options)
+    described = models.describe(config, MNIST)
+    graphdef, params = nnx.split(models.create_model(config, MNIST), nnx.Param)
+
+    def loss(params, images):
+        return jnp.sum(nnx.merge(graphdef, params)(images, train=False))
+
+    images = jnp.zeros((16, 28, 28, 1))
+
+    def xla_flops(fn):
+        cost = jax.jit(fn).lower(params, images).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+    ours = described["train_flops_per_example"] / described["flops_per_example"]
+    theirs = xla_flops(jax.grad(loss)) / xla_flops(loss)
+    assert ours == pytest.approx(theirs, rel=0.01)
+    assert 2.5 < ours < 3
 
 
 @pytest.mark.parametrize("norm", ["batch", "layer"])

@@ -5,7 +5,8 @@ shape, classes) and called as `model(images_BxHxWxC, train=..., dropout_key=...,
 conv_chunk=...)` (the rate, when given, overrides the config's: a traced value in a sweep; the
 chunk, when given, is how many examples pass through the convolutions at once). Each one
 describes itself (`describe`): its layers with output shapes, parameter counts and FLOPs per
-example, recorded in the run's config.json so runs of different models can be compared.
+example (forward, and for a training step), recorded in the run's config.json so runs of
+different models can be compared.
 """
 
 from __future__ import annotations
@@ -42,14 +43,22 @@ def create_model(config: Config, spec: DatasetSpec, seed: Any = None) -> nnx.Mod
 
 def describe(config: Config, spec: DatasetSpec) -> dict[str, Any]:
     """Layers (name, output shape, parameters, FLOPs per example) and totals, without computing
-    anything: the model is built abstractly."""
+    anything: the model is built abstractly.
+
+    A training step's FLOPs per example count, besides the forward pass, each weighted layer's
+    two products of the backward pass (the gradient into its weights and into its input, each
+    as many FLOPs as its forward), less the first one's gradient into the images, which nothing
+    needs: the work every implementation of the step does, whatever it adds around it."""
     abstract = nnx.eval_shape(lambda: create_model(config, spec))
     layers = abstract.layers(spec)
     params = nnx.state(abstract, nnx.Param)
+    forward = sum(layer["flops"] for layer in layers)
+    weighted = [layer["flops"] for layer in layers if layer["params"] and layer["flops"]]
     return {
         "name": config.model,
         "params": int(sum(x.size for x in jax.tree.leaves(params))),
-        "flops_per_example": int(sum(layer["flops"] for layer in layers)),
+        "flops_per_example": int(forward),
+        "train_flops_per_example": int(forward + 2 * sum(weighted) - weighted[0]),
         "input_shape": list(spec.image_shape),
         "layers": layers,
     }
