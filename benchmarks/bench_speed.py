@@ -3,7 +3,10 @@
 - throughput: the classic CNN and recipe (Adam, batch 128) trained for the same number of steps
   after warm-up by a Flax-example-style loop (a Python loop over host numpy batches cut from a
   numpy permutation, a `jax.jit` train step) and by mnist-jax's `Trainer` (data on the device,
-  batches gathered there);
+  batches gathered there); each rate also as the FLOP rate of the step's products (the
+  model's `train_flops_per_example`) beside the backend's float32 matmul rate, timed in the
+  same run, which bounds what any loop can reach: the matmul rate over the Flax-style loop's
+  FLOP rate is the highest Trainer / Flax-style ratio the backend allows without less work;
 - time to accuracy: `mnist-jax train --config experiments/fast.toml --seed S` (or each
   `--recipe`) as real subprocesses, each seed first with an empty compilation cache, then with
   a warm one (process wall time from start to exit: imports, data, compile and evaluation
@@ -144,9 +147,12 @@ def timed(loop: FlaxStyleLoop | TrainerLoop, num_steps: int) -> float:
     return time.perf_counter() - t0
 
 
-def throughput(config: Config, dataset: data.Dataset, num_steps: int) -> dict[str, Any]:
+def throughput(
+    config: Config, dataset: data.Dataset, num_steps: int, train_flops: int, matmul_rate: float
+) -> dict[str, Any]:
     """Examples/s of both loops over `num_steps` steps after a warm-up step, timed in two
-    alternating halves so that both see the same machine."""
+    alternating halves so that both see the same machine; with `train_flops` per example, their
+    FLOP rates against `matmul_rate` (GFLOP/s)."""
     loops = {"flax_style": FlaxStyleLoop(config, dataset), "trainer": TrainerLoop(config, dataset)}
     for loop in loops.values():
         loop.run(1)  # compile (the Flax-style loop) and first-call set-up, off the clock
@@ -155,11 +161,17 @@ def throughput(config: Config, dataset: data.Dataset, num_steps: int) -> dict[st
         for name, loop in loops.items():
             seconds[name] += timed(loop, half)
     rates = {name: num_steps * config.batch_size / s for name, s in seconds.items()}
+    gflops = {name: rate * train_flops / 1e9 for name, rate in rates.items()}
     return {
         "steps": num_steps,
         "batch_size": config.batch_size,
         "examples_per_sec": rates,
         "trainer_over_flax_style": rates["trainer"] / rates["flax_style"],
+        "train_flops_per_example": train_flops,
+        "gflops": gflops,
+        "matmul_gflops": matmul_rate,
+        "share_of_matmul_rate": {name: g / matmul_rate for name, g in gflops.items()},
+        "ratio_at_matmul_rate": matmul_rate / gflops["flax_style"],
     }
 
 
@@ -325,10 +337,13 @@ def matmul_gflops(size: int = 4096, repeats: int = 5) -> float:
 
 
 def evaluations(
-    configs: dict[str, Config], dataset: data.Dataset, repeats: int, flops: dict[str, int]
+    configs: dict[str, Config],
+    dataset: data.Dataset,
+    repeats: int,
+    flops: dict[str, int],
+    rate: float,
 ) -> dict[str, Any]:
-    """`eval_seconds` of each model, with the floor of its forward pass at the matmul rate."""
-    rate = matmul_gflops()
+    """`eval_seconds` of each model, with the floor of its forward pass at the matmul `rate`."""
     num_test = len(dataset.test.labels)
     result: dict[str, Any] = {"repeats": repeats, "matmul_gflops": rate, "models": {}}
     for name, config in configs.items():
@@ -351,11 +366,21 @@ def print_table(results: dict[str, Any]) -> None:
     print()
     t = results.get("throughput")
     if t:
-        rates = t["examples_per_sec"]
-        print(f"classic CNN, Adam, batch {t['batch_size']}, {t['steps']} steps after warm-up:")
-        print(f"  {'Flax-style loop':<40} {rates['flax_style']:>10,.0f} examples/s")
-        print(f"  {'mnist-jax Trainer':<40} {rates['trainer']:>10,.0f} examples/s")
-        print(f"  {'ratio Trainer / Flax-style':<40} {t['trainer_over_flax_style']:>10.2f}\n")
+        rates, gflops, share = t["examples_per_sec"], t["gflops"], t["share_of_matmul_rate"]
+        print(
+            f"classic CNN, Adam, batch {t['batch_size']}, {t['steps']} steps after warm-up "
+            f"({t['train_flops_per_example'] / 1e6:.1f} MFLOP per example and step):"
+        )
+        for name, label in (("flax_style", "Flax-style loop"), ("trainer", "mnist-jax Trainer")):
+            print(
+                f"  {label:<40} {rates[name]:>10,.0f} examples/s {gflops[name]:>7.1f} GFLOP/s "
+                f"({100 * share[name]:.0f}% of the matmul rate)"
+            )
+        print(f"  {'ratio Trainer / Flax-style':<40} {t['trainer_over_flax_style']:>10.2f}")
+        print(
+            f"  {'the same at the matmul rate':<40} {t['ratio_at_matmul_rate']:>10.2f} "
+            f"(float32 matmul, 4096 x 4096: {t['matmul_gflops']:,.0f} GFLOP/s)\n"
+        )
     f = results.get("fast")
     if f:
         epoch = f.get("flax_style_epoch")
@@ -428,9 +453,12 @@ def main() -> None:
         results["models"][name] = {
             "params": described["params"],
             "flops_per_example": described["flops_per_example"],
+            "train_flops_per_example": described["train_flops_per_example"],
         }
+    rate = matmul_gflops() if args.steps > 0 or args.eval_repeats > 0 else math.nan
     if args.steps > 0:
-        results["throughput"] = throughput(classic, dataset, args.steps)
+        train_flops = results["models"]["classic"]["train_flops_per_example"]
+        results["throughput"] = throughput(classic, dataset, args.steps, train_flops, rate)
         print(f"throughput: {json.dumps(results['throughput']['examples_per_sec'])}", flush=True)
     if not args.no_fast:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -446,7 +474,7 @@ def main() -> None:
             other = "conv" if chosen else "matmul"
             configs[f"{name}, stem {other}"] = config.replace(stem=other)
             flops[f"{name}, stem {other}"] = flops[name]
-        results["eval_seconds"] = evaluations(configs, dataset, args.eval_repeats, flops)
+        results["eval_seconds"] = evaluations(configs, dataset, args.eval_repeats, flops, rate)
     print_table(results)
     print()
     write_results(RESULTS, **{k: v for k, v in results.items() if k != "machine"})
