@@ -55,8 +55,10 @@ def conv_chunk(config: Config, backend: str) -> int | None:
     chunks of 4 or 8 examples (16: 1.4x), whose activations stay in the caches. With the first
     block as a matrix product (`models.cnn.stem_matmul`), fast.toml's training (batch 64) ran
     as fast in chunks of 16 as of 8 (7,455 and 7,571 examples/s) and compiled 2-3 s faster,
-    since each unrolled chunk adds its own patches to the program. On GPU/TPU chunks only
-    serialise the work. Batch normalisation needs the whole batch. Auto on CPU: the smallest
+    since each unrolled chunk adds its own patches to the program. With jax 0.12, whose XLA:CPU
+    hands convolutions to YNNPACK, chunks of 8 were still the fastest of 4 to 128 (3,168 /
+    3,268 / 3,097 / 2,340 / 1,960 examples/s for 4 / 8 / 16 / 32 / 128). On GPU/TPU chunks
+    only serialise the work. Batch normalisation needs the whole batch. Auto on CPU: the smallest
     divisor of the batch from 8 (16 with the matrix-product first block) up that keeps the
     unrolled chunks at most 32."""
     batch = config.batch_size
