@@ -120,7 +120,7 @@ def summarise(
         (start, end, name, tid)
         for tid, evs in workers.items()
         for start, end, name in evs
-        if any(s <= start < e for s, e in steps)
+        if _within(steps, start)
     ]
     by_op: collections.Counter[str] = collections.Counter()
     for start, end, name, _ in inside:
