@@ -20,7 +20,7 @@ from sklearn import metrics as skm
 from typer.testing import CliRunner
 
 from cli import app
-from mnist_jax import analysis, metrics
+from mnist_jax import analysis, data, metrics, models
 from mnist_jax.config import Config
 from mnist_jax.data import load_dataset
 from mnist_jax.errors import UserError
@@ -402,6 +402,7 @@ def test_run_table_shows_the_model_config_json_describes(tmp_path, test_labels):
     saved = json.loads((described / "config.json").read_text())
     saved["model"] = {
         "name": "cnn", "params": 421642, "flops_per_example": 12345678,
+        "train_flops_per_example": 37_000_000,
         "layers": [{"name": "conv_0", "params": 320}, {"name": "dense_0", "params": 421322}],
     }  # fmt: skip
     (described / "config.json").write_text(json.dumps(saved))
@@ -410,20 +411,28 @@ def test_run_table_shows_the_model_config_json_describes(tmp_path, test_labels):
     rows = [analysis.comparison_row(analysis.analyze_run(analysis.load_run(p))) for p in
             (described, runs / "older")]  # fmt: skip
     assert [r[k] for r in rows for k in analysis.MODEL_COLUMNS] == [
-        "cnn", 421642, 12345678, None, None, None
+        "cnn", 421642, 12345678, 37_000_000, None, None, None, None
     ]  # fmt: skip
+    # the summary's 5,000 examples/s times 37 MFLOP each (write_run: 5,000 + seed)
+    assert rows[0]["train/examples_per_sec"] == 5000.0
+    assert rows[0][analysis.TRAIN_GFLOPS] == pytest.approx(185.0)
+    assert rows[1]["train/examples_per_sec"] == 5001.0 and rows[1][analysis.TRAIN_GFLOPS] is None
     table = sections.comparison_table(rows)
-    columns = [table.headers.index(h) for h in ("model", "params", "FLOPs/example")]
-    assert [table.rows[0][i] for i in columns] == ["cnn", "421,642", "12,345,678"]
-    assert [table.rows[1][i] for i in columns] == ["", "", ""]  # written before the model was
+    columns = [table.headers.index(h) for h in ("model", "params", "FLOPs/example", "GFLOP/s")]
+    assert [table.rows[0][i] for i in columns] == ["cnn", "421,642", "12,345,678", "185.0"]
+    assert [table.rows[1][i] for i in columns] == ["", "", "", "–"]  # written before the model was
 
     page = analysis.analyze(tmp_path / "out", runs_dir=runs, include_dataset=False).read_text()
     assert "<th>FLOPs/example</th>" in page and '<td class="num">12,345,678</td>' in page
+    assert "<th>GFLOP/s</th>" in page and '<td class="num">185.0</td>' in page
     with (tmp_path / "out" / "runs.csv").open() as f:
         by_name = {r["name"]: r for r in csv.DictReader(f)}
     assert (by_name["described"]["model"], by_name["described"]["params"]) == ("cnn", "421642")
     assert by_name["described"]["flops_per_example"] == "12345678"
+    assert by_name["described"]["train_flops_per_example"] == "37000000"
+    assert float(by_name["described"][analysis.TRAIN_GFLOPS]) == pytest.approx(185.0)
     assert by_name["older"]["model"] == by_name["older"]["params"] == ""
+    assert by_name["older"][analysis.TRAIN_GFLOPS] == ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -697,6 +706,12 @@ def test_analyze_a_real_training_run(tmp_path, mnist_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert float(row["test/accuracy"]) == summary["test/accuracy"]
     assert float(row["test/auroc_macro"]) == summary["test/auroc_macro"]
+    # the training's FLOP rate: the model's own count of a step's FLOPs times the summary's rate
+    train_flops = models.describe(config, data.spec("mnist"))["train_flops_per_example"]
+    assert int(row["train_flops_per_example"]) == train_flops > 0
+    assert float(row[analysis.TRAIN_GFLOPS]) == pytest.approx(
+        train_flops * summary["train/examples_per_sec"] / 1e9
+    )
 
     # The analysis recomputes from predictions.npz what training logged from its counts.
     result = analysis.analyze_run(run)

@@ -1,5 +1,6 @@
-"""Run comparison: one row per run (key hyperparameters, the model, final metrics, status),
-best test accuracy first, written to runs.csv and shown as the report's comparison table."""
+"""Run comparison: one row per run (key hyperparameters, the model, final metrics, the training's
+FLOP rate, status), best test accuracy first, written to runs.csv and shown as the report's
+comparison table."""
 
 from __future__ import annotations
 
@@ -18,24 +19,30 @@ from mnist_jax.record import number
 
 _ACCURACY = metrics.metric_key("test", "accuracy")
 _AUROC_MACRO = metrics.metric_key("test", "auroc_macro")
+_RATE = metrics.metric_key("train", "examples_per_sec")
 
 # The comparison table (and runs.csv): config fields, the model config.json describes (empty
-# for runs written before it did), then `split/name` metric keys.
+# for runs written before it did), `split/name` metric keys, then the training's FLOP rate.
 CONFIG_COLUMNS = ("dataset", "optimizer", "lr", "schedule", "batch_size", "epochs")
-MODEL_COLUMNS = ("model", "params", "flops_per_example")
+COUNT_COLUMNS = ("params", "flops_per_example", "train_flops_per_example")
+MODEL_COLUMNS = ("model", *COUNT_COLUMNS)
 METRIC_COLUMNS = (
     "epoch",
     _ACCURACY,
     metrics.metric_key("test", "f1_macro"),
     _AUROC_MACRO,
     metrics.TRAIN_SECONDS,
-    metrics.metric_key("train", "examples_per_sec"),
+    _RATE,
 )
+# GFLOP/s of the training's products: the model's train FLOPs per example (forward and
+# backward, `models.describe`) times the examples/s of the summary.
+TRAIN_GFLOPS = "train_gflops"
 COMPARISON_COLUMNS = (
     "name",
     *CONFIG_COLUMNS,
     *MODEL_COLUMNS,
     *METRIC_COLUMNS,
+    TRAIN_GFLOPS,
     "status",
     "problems",
     "path",
@@ -43,7 +50,8 @@ COMPARISON_COLUMNS = (
 
 
 def comparison_row(analysis: RunAnalysis) -> dict[str, Any]:
-    """One row of the comparison table: name, key hyperparameters, model, final metrics, status."""
+    """One row of the comparison table: name, key hyperparameters, model, final metrics, the
+    training's FLOP rate (where the model's train FLOPs and the rate are known), status."""
     run = analysis.run
     metrics_ = run.final_metrics()
     row: dict[str, Any] = {"name": run.name}
@@ -55,6 +63,8 @@ def comparison_row(analysis: RunAnalysis) -> dict[str, Any]:
     if row[_AUROC_MACRO] is None and analysis.ranking is not None:
         defined = analysis.ranking.auroc_C[np.isfinite(analysis.ranking.auroc_C)]
         row[_AUROC_MACRO] = float(defined.mean()) if defined.size else None
+    flops, rate = row["train_flops_per_example"], row[_RATE]
+    row[TRAIN_GFLOPS] = flops * rate / 1e9 if flops is not None and rate is not None else None
     row["status"] = run.status
     row["problems"] = "; ".join(run.problems)
     row["path"] = str(run.path)
@@ -62,11 +72,12 @@ def comparison_row(analysis: RunAnalysis) -> dict[str, Any]:
 
 
 def model_columns(model: Mapping[str, Any]) -> dict[str, Any]:
-    """The model's name, parameter count and FLOPs per example from config.json's `model`
-    object; None for what it does not hold (or holds with the wrong type)."""
+    """The model's name, parameter count and FLOPs per example (forward, and a training step's)
+    from config.json's `model` object; None for what it does not hold (or holds with the wrong
+    type)."""
     name = model.get("name")
     counts = {}
-    for key in ("params", "flops_per_example"):
+    for key in COUNT_COLUMNS:
         value = model.get(key)
         counts[key] = value if isinstance(value, int) and not isinstance(value, bool) else None
     return {"model": name if isinstance(name, str) and name else None, **counts}

@@ -13,7 +13,7 @@ import numpy as np
 from mnist_jax import metrics
 from mnist_jax.analysis import plots, run_plots
 from mnist_jax.analysis import report as report_lib
-from mnist_jax.analysis.compare import MODEL_COLUMNS
+from mnist_jax.analysis.compare import MODEL_COLUMNS, TRAIN_GFLOPS
 from mnist_jax.analysis.dataset import class_mean_images, mean_image, sample_images
 from mnist_jax.analysis.runs import RunAnalysis
 from mnist_jax.files import write_bytes_atomic
@@ -148,6 +148,7 @@ _TABLE_COLUMNS = (
     ("macro AUROC", _key("test", "auroc_macro"), lambda v: plots.score_text(v, 5), "num"),
     ("train time", metrics.TRAIN_SECONDS, "{:.1f} s", "num"),
     ("examples/s", _key("train", "examples_per_sec"), "{:,.0f}", "num"),
+    ("GFLOP/s", TRAIN_GFLOPS, "{:,.1f}", "num"),
     ("status", "status", "{}", ""),
 )
 _EPOCHS_COLUMN = [key for _, key, *_ in _TABLE_COLUMNS].index("epochs")
