@@ -146,8 +146,12 @@ def sweep(
     ] = None,
     **flags: Any,
 ) -> None:
-    """Train many trials of one recipe (a grid, zipped lists or random samples) and tabulate
-    them in RUNS_DIR/SWEEP_NAME; flags set the base recipe, --name the sweep's name."""
+    """Train many trials of one recipe and tabulate them in RUNS_DIR/SWEEP_NAME.
+
+    Trials come from a grid, zipped lists or random samples. Flags set the base recipe.
+
+    --name names the sweep (RUNS_DIR/SWEEP_NAME), not its trials.
+    """
     flags = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()}
     name = flags.pop("name")
     with stop_on_signals() as stop:
@@ -293,8 +297,7 @@ def evaluate(
 ) -> None:
     """Evaluate a run's best checkpoint on the images training used; writes eval.json.
 
-    That is the split's first --train-examples or --test-examples images of the run's
-    config (every image of the split when those were 0).
+    The images: the split's first --train-examples or --test-examples (0: all) in the run's config.
     """
     from mnist_jax.inference import evaluate_run
     from mnist_jax.report_table import print_evaluation
