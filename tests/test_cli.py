@@ -11,6 +11,7 @@ import sys
 import time
 import types
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
@@ -200,6 +201,25 @@ def test_train_help_lists_every_flag():
     assert result.exit_code == 0
     for option in train_options().values():
         assert option.opts[0] in result.output
+
+
+def all_commands(group: Any, prefix: str = "") -> dict[str, Any]:
+    found = {}
+    for name, command in group.commands.items():
+        found[prefix + name] = command
+        if hasattr(command, "commands"):  # a group
+            found |= all_commands(command, f"{prefix}{name} ")
+    return found
+
+
+def test_help_paragraphs_have_no_line_breaks_inside():
+    # Typer joins the first paragraph's lines but prints the later ones' line breaks as they
+    # are, which cuts sentences mid-line in a terminal.
+    commands = all_commands(typer.main.get_command(app))
+    assert {"train", "sweep", "evaluate", "data download"} <= set(commands)
+    for name, command in commands.items():
+        for paragraph in (command.help or "").strip().split("\n\n")[1:]:
+            assert "\n" not in paragraph.strip(), (name, paragraph)
 
 
 @pytest.fixture
