@@ -147,7 +147,9 @@ def make_schedule(config: Config, total_steps: int) -> Callable[[Any, Any], Any]
     """The learning rate as a function of (step, lr): `lr` is the peak for cosine and onecycle,
     and the schedule's shape (a function of the step alone) is scaled by it."""
     warmup = warmup_steps(config, total_steps)
-    total = max(total_steps, 1)
+    # The decay needs a step of its own after the warmup; where the warmup takes the whole run
+    # (or a one-step build, as for a checkpoint's size), the run ends before the peak.
+    total = max(total_steps, warmup + 1)
     if config.schedule == "onecycle":
         shape = optax.warmup_cosine_decay_schedule(
             init_value=1 / 25,

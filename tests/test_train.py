@@ -362,6 +362,37 @@ def test_checkpoint_round_trip_restores_every_array(tmp_path, mnist):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def expected_lr(schedule: str, lr: float, warmup: int, total: int, step: int) -> float:
+    """The documented schedules, written out: a linear warmup from `init` to `lr`, then (cosine,
+    onecycle) a half cosine down to `end` at the run's last step, or at the step after the
+    warmup where the warmup takes the whole run."""
+    if schedule == "constant":
+        return lr * (min(step / warmup, 1.0) if warmup else 1.0)
+    init, end = (1 / 25, 1 / 25e4) if schedule == "onecycle" else (0.0, 0.0)
+    if step < warmup:
+        return lr * (init + (1 - init) * step / warmup)
+    decay = max(total, warmup + 1) - warmup
+    t = min(step - warmup, decay)
+    return lr * (end + (1 - end) * 0.5 * (1 + np.cos(np.pi * t / decay)))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
+@pytest.mark.parametrize(
+    ("total", "warmup"),
+    # total 1: the one-step build that sizes a checkpoint; warmups up to and past the run
+    [(20, -1), (20, 0), (20, 1), (20, 5), (20, 19), (20, 20), (20, 50), (1, 1), (1, 3)],
+)
+def test_learning_rate_schedules_match_their_formulas(schedule, total, warmup):
+    config = Config(schedule=schedule, warmup_steps=warmup, lr=0.3)
+    used = steps.warmup_steps(config, total)
+    assert used == (min(warmup, total) if warmup >= 0 else (total // 10) * (schedule == "onecycle"))
+    rate = steps.make_schedule(config, total)
+    got = [float(rate(jnp.asarray(s), config.lr)) for s in range(total + 3)]
+    want = [expected_lr(schedule, config.lr, used, total, s) for s in range(total + 3)]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert max(got) <= config.lr * (1 + 1e-6) and min(got) >= 0
+
+
 @pytest.mark.parametrize(
     "changes",
     [
@@ -370,6 +401,7 @@ def test_checkpoint_round_trip_restores_every_array(tmp_path, mnist):
         {"optimizer": "adamw", "weight_decay": 1e-2, "grad_clip": 1.0, "label_smoothing": 0.1},
         {"norm": "batch", "dropout": 0.3},
         {"norm": "layer", "schedule": "constant", "warmup_steps": 4},
+        {"schedule": "cosine", "warmup_steps": 1},
         # fast.toml's model, its first block a matrix product on every backend
         {
             "conv_kernels": (5, 3),
