@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,8 @@ from mnist_jax import data, metrics, parallel, steps, train
 from mnist_jax.checkpoint import Checkpoints
 from mnist_jax.config import Config
 from mnist_jax.writers.progress import Progress
+
+REPO = Path(__file__).resolve().parents[1]
 
 MNIST = data.spec("mnist")
 
@@ -40,8 +44,6 @@ def run_summary(config: Config) -> dict:
 
 
 def config_run_dir(config: Config):
-    from pathlib import Path
-
     return Path(config.runs_dir) / config.name
 
 
@@ -170,6 +172,12 @@ def test_fit_writes_the_run_record(tiny):
     assert [e["epoch"] for e in epoch_events] == [1, 2]
     train_events = [e for e in events if "test/accuracy" not in e]
     assert all({"step", "epoch", "train/loss", "train/lr"} <= e.keys() for e in train_events)
+    # docs/run-record.md names every file of the run and every key of its events
+    documented = (REPO / "docs" / "run-record.md").read_text()
+    for name in {p.name for p in run.iterdir()}:
+        assert f"`{name}" in documented, name
+    for key in {re.sub(r"/\d+$", "/K", k) for e in events for k in e}:
+        assert f'"{key}"' in documented, key
     summary = run_summary(config)
     assert summary["status"] == "completed"
     for key in (
