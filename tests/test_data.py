@@ -333,6 +333,24 @@ def test_md5_mismatch_warns_per_file(small_dir: Path) -> None:
     assert "cached" in ds.origin and len(record) == 4
 
 
+def test_canonical_files_under_each_others_names_are_refused(
+    tmp_path: Path, mnist_dir: Path
+) -> None:
+    # train and test swapped would train on the 10,000 test images and test on the training set
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    for (split, kind), stem in data.FILE_STEMS.items():
+        other = data.FILE_STEMS[("test" if split == "train" else "train", kind)]
+        (swapped / f"{stem}.gz").write_bytes((mnist_dir / f"{other}.gz").read_bytes())
+    for cache in (True, False):
+        with pytest.raises(UserError, match=f"holds the canonical {TEST_IMAGES} .*misnamed"):
+            data.load_idx_dir("mnist", swapped, cache=cache)
+    result = invoke("verify", "--data-dir", str(swapped))
+    assert result.exit_code == 1
+    for line in result.stdout.splitlines()[1:]:
+        assert line.split()[0] == "ERROR" and "misnamed" in line, line
+
+
 def test_md5_only_checked_for_mnist(small_dir: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", data.DataWarning)

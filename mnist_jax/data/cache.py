@@ -24,8 +24,9 @@ from mnist_jax.files import atomic_write
 
 log = logging.getLogger(__name__)
 
-# Bump when the parsed-array layout changes, so that old caches are rebuilt rather than misread.
-_CACHE_VERSION = "1"
+# Bump when the parsed-array layout changes, or parsing refuses files it used to accept (2:
+# canonical files under each other's names), so that old caches are rebuilt rather than misread.
+_CACHE_VERSION = "2"
 _CACHE_NAME = "mnist-jax-cache.npz"
 
 

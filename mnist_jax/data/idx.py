@@ -81,6 +81,7 @@ def verify_dir(name: str, directory: str | Path) -> list[FileCheck]:
             if name == "mnist":
                 md5 = hashlib.md5(raw).hexdigest()
                 md5_ok = md5 == MNIST_MD5[stem]
+                _require_not_misnamed(path, stem, md5)
             array = _parse_idx(raw, path, kind, dataset)
         except UserError as e:
             checks[stem] = FileCheck(stem, path, "error", str(e), md5=md5, md5_ok=md5_ok)
@@ -182,8 +183,11 @@ def parse_all(
     mismatched: list[str] = []
     for (split, kind), stem in FILE_STEMS.items():
         raw = decompress(paths[stem], blobs[stem])
-        if name == "mnist" and hashlib.md5(raw).hexdigest() != MNIST_MD5[stem]:
-            mismatched.append(stem)
+        if name == "mnist":
+            md5 = hashlib.md5(raw).hexdigest()
+            _require_not_misnamed(paths[stem], stem, md5)
+            if md5 != MNIST_MD5[stem]:
+                mismatched.append(stem)
         arrays[f"{split}_{kind}"] = _parse_idx(raw, paths[stem], kind, dataset)
     for split in ("train", "test"):
         n_images, n_labels = len(arrays[f"{split}_images"]), len(arrays[f"{split}_labels"])
@@ -192,6 +196,17 @@ def parse_all(
             labels_path = paths[FILE_STEMS[(split, "labels")]]
             raise UserError(_count_mismatch(labels_path, n_labels, images_stem, n_images))
     return arrays, mismatched
+
+
+def _require_not_misnamed(path: Path, stem: str, md5: str) -> None:
+    """A canonical MNIST file under another file's name (train and test swapped, images and
+    labels mixed up) loads, and would train on the wrong split: refused."""
+    for other, canonical in MNIST_MD5.items():
+        if other != stem and md5 == canonical:
+            raise UserError(
+                f"{path} holds the canonical {other} (by its MD5), not {stem}; "
+                "the files are misnamed: give each its own name"
+            )
 
 
 def _count_mismatch(labels_path: Path | None, n_labels: int, images: str, n_images: int) -> str:
@@ -209,7 +224,7 @@ def warn_md5(paths: Mapping[str, Path], mismatched: Sequence[str]) -> None:
     for stem in mismatched:
         warnings.warn(
             f"{paths[stem]}: uncompressed content differs from the canonical MNIST file "
-            f"(MD5 {MNIST_MD5[stem]}); fine for a re-encoded copy, suspect otherwise",
+            f"(MD5 {MNIST_MD5[stem]}); fine for a deliberately changed copy, suspect otherwise",
             DataWarning,
             stacklevel=3,
         )
