@@ -332,8 +332,13 @@ def _validate(c: Config) -> None:
     if c.grad_clip < 0 or not math.isfinite(c.grad_clip):
         raise bad(f"grad_clip must be >= 0 (0 turns it off), got {c.grad_clip}")
     _validate_placement(c)
-    if c.name is not None and (not c.name or "/" in c.name or c.name in (".", "..")):
+    if c.name is not None and not plain_name(c.name):
         raise bad(f"name must be a plain directory name, got {c.name!r}")
+
+
+def plain_name(name: Any) -> bool:
+    """A directory name that stays inside the runs directory (a run's or a sweep's)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not set(name) & {"/", "\0"}
 
 
 def _validate_placement(c: Config) -> None:

@@ -127,6 +127,15 @@ def test_random_samples_stay_in_range_log_uniform_for_rates(tmp_path):
         ("grids = 1\n", {}, "unknown key 'grids'"),
         ("[random]\nlr = [1e-4, 1e-1]\n", {}, "needs trials = N"),
         ("[random]\ntrials = 2\nlr = [0.0, 1e-1]\n", {}, "log-uniformly"),
+        ("[random]\ntrials = 2\nseed = [0, 9]\nlr = [1e-4, 1e-1]\n", {}, "sampler's own seed"),
+        # counted before any trial is built: a billion would not fit in memory
+        ("[random]\ntrials = 1000000000\nlr = [1e-4, 1e-1]\n", {}, "makes 1000000000 trials"),
+        ("[grid]\nlr = [1e-3, 1e-3]\n", {}, "lists 0.001 more than once"),
+        ("[grid]\nlr = [1e-3]\n[zip]\nlr = [5e-3]\n", {}, "lr is in both [grid] and [zip]"),
+        ("[zip]\nlr = [1e-3]\n[random]\ntrials = 2\nlr = [1e-4, 1e-1]\n", {}, "lr is in both"),
+        ('name = ".."\n[grid]\nlr = [0.1]\n', {}, "plain directory name, got '..'"),
+        ('name = "."\n[grid]\nlr = [0.1]\n', {}, "plain directory name, got '.'"),
+        ('name = "a\\u0000b"\n[grid]\nlr = [0.1]\n', {}, "plain directory name"),
     ],
 )
 def test_a_bad_spec_is_one_clear_error(tmp_path, text, flags, fragment):
@@ -135,6 +144,30 @@ def test_a_bad_spec_is_one_clear_error(tmp_path, text, flags, fragment):
         spec_lib.load_spec(path, flags)
     assert fragment in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_the_samplers_seed_beside_a_grid_of_seeds(tmp_path):
+    text = "[grid]\nseed = [0, 1]\n[random]\ntrials = 3\nseed = 7\nlr = [1e-4, 1e-1]\n"
+    trials = spec_lib.load_spec(write_spec(tmp_path / "s.toml", text), {}).trials
+    assert [t.config.seed for t in trials] == [0, 0, 0, 1, 1, 1]
+    assert [t.config.lr for t in trials[:3]] == [t.config.lr for t in trials[3:]]
+
+
+@pytest.mark.parametrize(
+    "saved, fragment",
+    [
+        ({"name": "s", "swept": ["lr"], "trials": []}, "lists no trials"),
+        ({"swept": ["lr"], "trials": [{"name": "trial-00", "values": {}}]}, "is damaged"),
+        ({"name": "s", "swept": ["lr"], "trials": [{"name": "trial-00"}]}, "is damaged"),
+    ],
+)
+def test_resuming_a_damaged_sweep_record_is_one_clear_error(tmp_path, saved, fragment):
+    from mnist_jax.sweep import run
+
+    (tmp_path / table.SWEEP_FILE).write_text(json.dumps(saved))
+    with pytest.raises(UserError) as e:
+        run.resume_sweep(tmp_path, {})
+    assert fragment in str(e.value) and "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -148,7 +148,16 @@ def resume_sweep(directory: str | Path, flags: Mapping[str, Any]) -> Sweep:
     """The sweep saved in `directory`, with the flags a resumed run may change applied."""
     saved = table.read_sweep(directory)
     given = resume_flags(flags, "the sweep with its own spec")
-    sweep = Sweep.from_dict(Path(directory), saved)
+    file = Path(directory) / table.SWEEP_FILE
+    try:
+        sweep = Sweep.from_dict(Path(directory), saved)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise UserError(
+            f"{file} is damaged ({type(e).__name__}: {e}); its trials are still runs "
+            "(train --resume each), or start the sweep again under another --name"
+        ) from None
+    if not sweep.trials:
+        raise UserError(f"{file} lists no trials; the sweep record is damaged")
     trials = tuple(
         Trial(t.name, t.values, t.config.replace(**given, runs_dir=str(directory)))
         for t in sweep.trials

@@ -35,6 +35,7 @@ from mnist_jax.config import (
     build_config,
     field_type,
     load_toml,
+    plain_name,
 )
 from mnist_jax.errors import UserError
 
@@ -102,7 +103,7 @@ def load_spec(path: str | Path, flags: Mapping[str, Any], name: str | None = Non
             raise UserError(f"{key} cannot be swept (in {path}): it is the same for every trial")
     common = build_config(recipe, base, given)
     sweep_name = name or spec.get("name") or path.stem
-    if not isinstance(sweep_name, str) or not sweep_name or "/" in sweep_name:
+    if not plain_name(sweep_name):
         raise UserError(f"the sweep's name must be a plain directory name, got {sweep_name!r}")
     directory = Path(common.runs_dir) / sweep_name
     width = max(2, len(str(len(choices) - 1)))
@@ -133,34 +134,63 @@ def trial_values(spec: Mapping[str, Any], path: Path) -> list[dict[str, Any]]:
                     f"[{section}] {key} in {path} must be a non-empty list of values, "
                     f"got {values!r}"
                 )
+    for key, values in grid.items():
+        repeated = [v for i, v in enumerate(values) if v in values[:i]]
+        if repeated:
+            raise UserError(
+                f"[grid] {key} in {path} lists {repeated[0]!r} more than once; "
+                "to repeat trials, sweep seed"
+            )
+    # [random]'s trials and seed are the sampler's own, not fields
+    keys = {"grid": set(grid), "zip": set(zipped), "random": set(sampled) - {"trials", "seed"}}
+    for a, b in itertools.combinations(keys, 2):
+        both = sorted(keys[a] & keys[b])
+        if both:
+            raise UserError(f"{both[0]} is in both [{a}] and [{b}] of {path}; sweep it in one")
     lengths = {len(v) for v in zipped.values()}
     if len(lengths) > 1:
         raise UserError(
             f"the [zip] lists in {path} have different lengths ({sorted(lengths)}); "
             "zipped lists are taken element by element and must be equally long"
         )
+    count = math.prod(len(v) for v in grid.values()) * (lengths.pop() if lengths else 1)
+    count *= _sample_count(sampled, path) or 1
+    if count > MAX_TRIALS:  # counted before any row is built
+        raise UserError(f"sweep spec {path} makes {count} trials; at most {MAX_TRIALS}")
     grid_rows = [dict(zip(grid, row, strict=True)) for row in itertools.product(*grid.values())]
     zip_rows = [dict(zip(zipped, row, strict=True)) for row in zip(*zipped.values(), strict=True)]
     random_rows = _samples(sampled, path)
-    rows = [
+    return [
         {**g, **z, **r}
         for g, z, r in itertools.product(grid_rows, zip_rows or [{}], random_rows or [{}])
     ]
-    if len(rows) > MAX_TRIALS:
-        raise UserError(f"sweep spec {path} makes {len(rows)} trials; at most {MAX_TRIALS}")
-    return rows
 
 
-def _samples(table: Mapping[str, Any], path: Path) -> list[dict[str, Any]]:
+def _sample_count(table: Mapping[str, Any], path: Path) -> int:
+    """How many samples `[random]` asks for (0: no such table); its `trials` and `seed` checked."""
     if not table:
-        return []
-    ranges = {k: v for k, v in table.items() if k not in ("trials", "seed")}
+        return 0
     count = table.get("trials")
+    ranges = [k for k in table if k not in ("trials", "seed")]
     if not isinstance(count, int) or isinstance(count, bool) or count <= 0 or not ranges:
         raise UserError(
             f"[random] in {path} needs trials = N (a positive integer) and at least one range, "
             "such as lr = [1e-4, 1e-1]"
         )
+    seed = table.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise UserError(
+            f"[random] seed in {path} is the sampler's own seed (an integer), got {seed!r}; "
+            "to train several seeds, put seed = [0, 1, 2] in [grid]"
+        )
+    return count
+
+
+def _samples(table: Mapping[str, Any], path: Path) -> list[dict[str, Any]]:
+    count = _sample_count(table, path)
+    if not count:
+        return []
+    ranges = {k: v for k, v in table.items() if k not in ("trials", "seed")}
     rng = random.Random(table.get("seed", 0))
     rows: list[dict[str, Any]] = [{} for _ in range(count)]
     for key, bounds in ranges.items():
