@@ -317,6 +317,9 @@ def test_missing_files_are_listed(tmp_path: Path, real: data.Dataset) -> None:
 def test_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
         data.load_dataset("mnist", tmp_path / "nope")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UserError, match="a-file is not a directory"):
+        data.load_dataset("mnist", tmp_path / "a-file")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -168,6 +168,8 @@ def test_resuming_a_damaged_sweep_record_is_one_clear_error(tmp_path, saved, fra
     with pytest.raises(UserError) as e:
         run.resume_sweep(tmp_path, {})
     assert fragment in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UserError, match="sweep.json is not a sweep directory"):
+        run.resume_sweep(tmp_path / table.SWEEP_FILE, {})  # the file, not its directory
 
 
 # ---------------------------------------------------------------------------------------------

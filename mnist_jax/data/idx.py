@@ -99,8 +99,9 @@ def verify_dir(name: str, directory: str | Path) -> list[FileCheck]:
 def require_files(name: str, directory: Path) -> dict[str, Path]:
     """Each IDX file stem -> its file in `directory`; a missing directory or file is an error."""
     if not directory.is_dir():
+        problem = "is not a directory" if directory.exists() else "does not exist"
         raise UserError(
-            f"data directory {directory} does not exist; pass --data-dir DIR with the four "
+            f"data directory {directory} {problem}; pass --data-dir DIR with the four "
             f"IDX files, or run `mnist-jax data download --dataset {name} --out {directory}`"
         )
     found = find_files(directory)

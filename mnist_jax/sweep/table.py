@@ -35,6 +35,8 @@ def is_sweep(path: str | Path) -> bool:
 def read_sweep(path: str | Path) -> dict[str, Any]:
     """`sweep.json` of the sweep directory `path`: its name, swept fields and trials."""
     file = Path(path) / SWEEP_FILE
+    if not Path(path).is_dir():
+        raise UserError(f"{path} is not a sweep directory; pass the directory a sweep wrote")
     try:
         saved = json.loads(file.read_text())
         if not isinstance(saved, dict) or not isinstance(saved.get("trials"), list):
