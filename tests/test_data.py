@@ -354,6 +354,15 @@ def test_canonical_files_under_each_others_names_are_refused(
         assert line.split()[0] == "ERROR" and "misnamed" in line, line
 
 
+@pytest.mark.parametrize("name", ["fashion_mnist", "kmnist"])
+def test_mnist_files_read_as_another_dataset_are_refused(mnist_dir: Path, name: str) -> None:
+    # MNIST_JAX_DATA_DIR set for MNIST applies to every dataset: the wrong images, silently
+    with pytest.raises(UserError, match=f"is MNIST's {TRAIN_IMAGES} .*not {name}'s"):
+        data.load_idx_dir(name, mnist_dir, cache=False)
+    result = invoke("verify", "--dataset", name, "--data-dir", str(mnist_dir))
+    assert result.exit_code == 1 and result.stdout.count("is MNIST's") == 4
+
+
 def test_md5_only_checked_for_mnist(small_dir: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", data.DataWarning)

@@ -78,10 +78,10 @@ def verify_dir(name: str, directory: str | Path) -> list[FileCheck]:
         md5 = md5_ok = None
         try:
             raw = decompress(path, read_file(path))
-            if name == "mnist":
-                md5 = hashlib.md5(raw).hexdigest()
-                md5_ok = md5 == MNIST_MD5[stem]
-                _require_not_misnamed(path, stem, md5)
+            digest = hashlib.md5(raw).hexdigest()
+            if name == "mnist":  # the one dataset with canonical MD5s to compare with
+                md5, md5_ok = digest, digest == MNIST_MD5[stem]
+            _require_own_content(name, path, stem, digest)
             array = _parse_idx(raw, path, kind, dataset)
         except UserError as e:
             checks[stem] = FileCheck(stem, path, "error", str(e), md5=md5, md5_ok=md5_ok)
@@ -184,11 +184,10 @@ def parse_all(
     mismatched: list[str] = []
     for (split, kind), stem in FILE_STEMS.items():
         raw = decompress(paths[stem], blobs[stem])
-        if name == "mnist":
-            md5 = hashlib.md5(raw).hexdigest()
-            _require_not_misnamed(paths[stem], stem, md5)
-            if md5 != MNIST_MD5[stem]:
-                mismatched.append(stem)
+        md5 = hashlib.md5(raw).hexdigest()
+        _require_own_content(name, paths[stem], stem, md5)
+        if name == "mnist" and md5 != MNIST_MD5[stem]:
+            mismatched.append(stem)
         arrays[f"{split}_{kind}"] = _parse_idx(raw, paths[stem], kind, dataset)
     for split in ("train", "test"):
         n_images, n_labels = len(arrays[f"{split}_images"]), len(arrays[f"{split}_labels"])
@@ -199,15 +198,23 @@ def parse_all(
     return arrays, mismatched
 
 
-def _require_not_misnamed(path: Path, stem: str, md5: str) -> None:
-    """A canonical MNIST file under another file's name (train and test swapped, images and
-    labels mixed up) loads, and would train on the wrong split: refused."""
+def _require_own_content(name: str, path: Path, stem: str, md5: str) -> None:
+    """A canonical MNIST file under another file's name (train and test swapped) or read as
+    another dataset (MNIST_JAX_DATA_DIR set for MNIST, `--dataset kmnist`) loads, and would
+    train on the wrong images: refused."""
     for other, canonical in MNIST_MD5.items():
-        if other != stem and md5 == canonical:
+        if md5 != canonical or (name == "mnist" and other == stem):
+            continue
+        if name != "mnist":
             raise UserError(
-                f"{path} holds the canonical {other} (by its MD5), not {stem}; "
-                "the files are misnamed: give each its own name"
+                f"{path} is MNIST's {other} (by its MD5), not {name}'s; pass --data-dir with "
+                f"{name}'s files (MNIST_JAX_DATA_DIR applies to every dataset), or --source "
+                "download"
             )
+        raise UserError(
+            f"{path} holds the canonical {other} (by its MD5), not {stem}; "
+            "the files are misnamed: give each its own name"
+        )
 
 
 def _count_mismatch(labels_path: Path | None, n_labels: int, images: str, n_images: int) -> str:
