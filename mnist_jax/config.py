@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
 import sys
 import types
 import typing
@@ -214,6 +215,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"config file {path} is not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text; save it as UTF-8") from None
 
 
 def build_config(*layers: Mapping[str, Any]) -> Config:
@@ -263,10 +266,24 @@ def _coerce_items(name: str, item: type, value: Any) -> tuple[Any, ...]:
         value = [v.strip() for v in value.split(",") if v.strip()]
     if not isinstance(value, (list, tuple)):
         raise UserError(f"{name} must be a list or comma-separated string, got {value!r}")
+    # A number from TOML already has its type: 8.7 or true is no integer (int() would say 8, 1).
+    # Strings are parsed below; any item may become a string (a W&B tag of 2 is "2").
+    numbers = [v for v in value if not isinstance(v, str)]
+    if item is not str and any(_coerce_scalar(item, v) is None for v in numbers):
+        raise UserError(f"{name} must be {_ITEM_NOUNS[item]}, got {value!r}")
     try:
         return tuple(item(v) for v in value)
     except (TypeError, ValueError):
         raise UserError(f"{name} must be {_ITEM_NOUNS[item]}, got {value!r}") from None
+
+
+def _coerce_scalar(expected: type, value: Any) -> Any:
+    """`value` as `expected` where it already is one (an int for a float), else None."""
+    if isinstance(value, bool) and expected is not bool:
+        return None
+    if expected is float and isinstance(value, int):
+        return float(value)
+    return value if isinstance(value, expected) else None
 
 
 def _validate(c: Config) -> None:
@@ -278,8 +295,8 @@ def _validate(c: Config) -> None:
         if allowed and value not in allowed and (value is not None or field.default is not None):
             what = "wandb mode" if field.name == "wandb" else field.name
             raise bad(f"unknown {what} {value!r}; choose one of: {', '.join(allowed)}")
-    if not (math.isfinite(c.lr) and c.lr > 0):
-        raise bad(f"lr must be a positive number, got {c.lr}")
+    if not (math.isfinite(_float32(c.lr)) and _float32(c.lr) > 0):
+        raise bad(f"lr must be a positive number (within float32's range), got {c.lr}")
     for name in ("batch_size", "epochs", "eval_batch_size", "dense_features", "log_every"):
         if getattr(c, name) <= 0:
             raise bad(f"{name} must be a positive integer, got {getattr(c, name)}")
@@ -306,7 +323,7 @@ def _validate(c: Config) -> None:
         raise bad(f"steps_per_call must be 0 (auto) or positive, got {c.steps_per_call}")
     if c.conv_chunk < 0:
         raise bad(f"conv_chunk must be 0 (auto) or positive, got {c.conv_chunk}")
-    if c.conv_chunk and c.batch_size % c.conv_chunk:
+    if c.conv_chunk and c.conv_chunk < c.batch_size and c.batch_size % c.conv_chunk:
         divisors = [d for d in range(2, min(c.batch_size, 64) + 1) if c.batch_size % d == 0]
         raise bad(
             f"conv_chunk {c.conv_chunk} does not divide batch_size {c.batch_size}; use a divisor "
@@ -319,21 +336,28 @@ def _validate(c: Config) -> None:
         )
     if c.warmup_steps < -1:
         raise bad(f"warmup_steps must be -1 (auto) or >= 0, got {c.warmup_steps}")
-    if not 0 <= c.momentum < 1:
-        raise bad(f"momentum must be in [0, 1), got {c.momentum}")
-    if not 0 <= c.beta2 < 1:
-        raise bad(f"beta2 must be in [0, 1), got {c.beta2}")
-    if not 0 <= c.dropout < 1:
-        raise bad(f"dropout must be in [0, 1), got {c.dropout}")
-    if not 0 <= c.label_smoothing < 1:
-        raise bad(f"label_smoothing must be in [0, 1), got {c.label_smoothing}")
-    if c.weight_decay < 0 or not math.isfinite(c.weight_decay):
-        raise bad(f"weight_decay must be >= 0, got {c.weight_decay}")
-    if c.grad_clip < 0 or not math.isfinite(c.grad_clip):
+    # Training computes in float32: 0.9999999999 is 1.0 there, 1e39 is infinite.
+    for name in ("momentum", "beta2", "dropout", "label_smoothing"):
+        value = getattr(c, name)
+        if not 0 <= value < 1:
+            raise bad(f"{name} must be in [0, 1), got {value}")
+        if _float32(value) >= 1:
+            raise bad(f"{name} {value} is 1.0 in float32, which training uses; at most 0.9999999")
+    if c.weight_decay < 0 or not math.isfinite(_float32(c.weight_decay)):
+        raise bad(f"weight_decay must be >= 0 (within float32's range), got {c.weight_decay}")
+    if c.grad_clip < 0 or not math.isfinite(_float32(c.grad_clip)):
         raise bad(f"grad_clip must be >= 0 (0 turns it off), got {c.grad_clip}")
     _validate_placement(c)
     if c.name is not None and not plain_name(c.name):
         raise bad(f"name must be a plain directory name, got {c.name!r}")
+
+
+def _float32(value: float) -> float:
+    """`value` rounded to float32 (inf beyond its range, nan stays nan), without numpy."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
 
 
 def plain_name(name: Any) -> bool:

@@ -80,6 +80,16 @@ def test_the_baseline_is_the_classic_recipe():
             "conv_chunk 12 does not divide batch_size 128; use a divisor (2, 4, 8, 16, 32, 64)",
         ),
         ({"conv_chunk": 8, "norm": "batch"}, "conv_chunk cannot split the batch with norm batch"),
+        # values that pass in float64 but not in the float32 training computes in
+        ({"momentum": 0.9999999999}, "momentum 0.9999999999 is 1.0 in float32"),
+        ({"beta2": 0.99999999}, "beta2 0.99999999 is 1.0 in float32"),
+        ({"label_smoothing": 0.99999999}, "label_smoothing 0.99999999 is 1.0 in float32"),
+        ({"lr": 1e39}, "lr must be a positive number (within float32's range)"),
+        ({"lr": 1e-50}, "lr must be a positive number (within float32's range)"),
+        ({"weight_decay": 1e39}, "weight_decay must be >= 0 (within float32's range)"),
+        # a TOML list's items keep their type: int() would make 8.7 into 8 and true into 1
+        ({"conv_features": [8.7, 16.2]}, "conv_features must be integers"),
+        ({"conv_kernels": [True, 3]}, "conv_kernels must be integers"),
     ],
 )
 def test_invalid_values_are_rejected_with_a_clear_message(changes, message):
@@ -95,6 +105,19 @@ def test_a_missing_or_malformed_file_is_one_line(tmp_path):
     bad.write_text("lr = = 1\n")
     with pytest.raises(UserError, match="not valid TOML"):
         config_from(bad, {})
+    bad.write_bytes("lr = 0.1\n".encode("utf-16"))  # what some Windows editors save
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        config_from(bad, {})
+
+
+def test_values_at_the_edges_of_what_is_valid():
+    assert build_config({"momentum": 0.9999999}).momentum == 0.9999999  # < 1 in float32
+    assert build_config({"lr": 1e38}).lr == 1e38
+    with pytest.raises(UserError, match="conv_features must be integers"):
+        build_config({"conv_features": [8.0, 16]})  # as epochs = 1.0 is no integer either
+    assert build_config({"conv_features": "8,16"}).conv_features == (8, 16)
+    # a chunk as large as the batch or larger is the whole batch, as on an accelerator
+    assert build_config({"conv_chunk": 256, "batch_size": 128}).conv_chunk == 256
 
 
 def test_replace_revalidates():
