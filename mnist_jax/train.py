@@ -35,6 +35,7 @@ from mnist_jax.writers.progress import Progress
 from mnist_jax.writers.record import RecordWriter
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+MAX_STEPS = 2**31 - 1  # the step is an int32 on the device
 RESUME_OVERRIDES = ("data_dir", "source", "wandb", "log_every", *PLACEMENT_FIELDS)
 TEST_ACCURACY = metrics.metric_key("test", "accuracy")
 RATE = metrics.metric_key("train", "examples_per_sec")
@@ -102,6 +103,8 @@ def resume(run_dir: str | Path, flags: Mapping[str, Any], stop: StopRequest | No
         if not parallel.is_main_process():
             record = FollowerRecord.open(run_dir)
         _in_main_process(lambda: held.enter_context(record.writer_lock()), None)
+        # found before `_run`, which would mark the run failed and lose why it stopped
+        require_checkpoint(record)
         dataset = load_data(config)
         require_disk_space(config, dataset, record.dir)
         announce_backend(config)
@@ -110,6 +113,15 @@ def resume(run_dir: str | Path, flags: Mapping[str, Any], stop: StopRequest | No
             # e.g. the data moved: evaluate and analyze should find it there too
             write_json_atomic(record.config_path, {**saved, "config": config.to_dict()})
         return _run(config, dataset, record, saved.get("environment", {}), stop, resume=True)
+
+
+def require_checkpoint(record: RunRecord) -> None:
+    checkpoints = Checkpoints(record.checkpoints_dir, read_only=True)
+    try:
+        if checkpoints.latest_step("last") is None:
+            raise UserError(f"run {record.dir} has no checkpoint to resume from; start a new run")
+    finally:
+        checkpoints.close()
 
 
 def resume_flags(flags: Mapping[str, Any], what: str) -> dict[str, Any]:
@@ -150,12 +162,24 @@ def load_data(config: Config) -> data_lib.Dataset:
             config.train_examples or len(dataset.train.labels),
             config.test_examples or len(dataset.test.labels),
         )
-    if config.batch_size > len(dataset.train.labels):
-        raise UserError(
-            f"batch_size {config.batch_size} is larger than the {len(dataset.train.labels)} "
-            "training images; choose a smaller --batch-size"
-        )
+    require_trainable(config, len(dataset.train.labels))
     return dataset
+
+
+def require_trainable(config: Config, num_train: int) -> None:
+    """A batch larger than the data, or more steps than the step counter holds, is found
+    before the run exists."""
+    if config.batch_size > num_train:
+        raise UserError(
+            f"batch_size {config.batch_size} is larger than the {num_train} training images; "
+            "choose a smaller --batch-size"
+        )
+    total = num_train // config.batch_size * config.epochs
+    if total > MAX_STEPS:
+        raise UserError(
+            f"{config.epochs} epochs of {num_train // config.batch_size} steps is {total:,} "
+            f"steps, more than the {MAX_STEPS:,} a run counts; choose fewer --epochs"
+        )
 
 
 def start_backend(config: Config) -> None:

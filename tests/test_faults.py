@@ -142,6 +142,7 @@ def resume_and_compare(run: Path, straight: Path) -> None:
         (["--epochs", "0"], "epochs must be a positive integer"),
         (["--model", "transformer"], "unknown model 'transformer'"),
         (["--config", "experiments/missing.toml"], "does not exist"),
+        (["--epochs", "99999999999"], "choose fewer --epochs"),  # past the int32 step counter
     ],
 )
 def test_bad_flags_and_files_are_one_line_and_write_nothing(tmp_path, mnist_dir, args, fragment):

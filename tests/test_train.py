@@ -292,6 +292,27 @@ def test_a_non_finite_loss_fails_the_run_and_keeps_the_last_good_checkpoint(tiny
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored["state"]))
 
 
+def test_resuming_a_run_without_a_checkpoint_keeps_why_it_stopped(tiny):
+    from mnist_jax.errors import UserError
+
+    config = tiny.replace(name="diverged", optimizer="sgd", schedule="constant", lr=1e12)
+    assert train.fit(config) == train.EXIT_FAILED  # non-finite before the first epoch's end
+    before = (config_run_dir(config) / "summary.json").read_text()
+    assert "non-finite" in json.loads(before)["message"]
+    with pytest.raises(UserError, match="no checkpoint to resume from"):
+        train.resume(config_run_dir(config), {})
+    assert (config_run_dir(config) / "summary.json").read_text() == before
+
+
+def test_a_run_longer_than_the_step_counter_is_refused_before_it_exists():
+    from mnist_jax.errors import UserError
+
+    config = Config(batch_size=128, epochs=10**8)  # 468 steps an epoch: 4.68e10 steps
+    with pytest.raises(UserError, match="468 steps is 46,800,000,000 steps, more than"):
+        train.require_trainable(config, 60_000)
+    train.require_trainable(config.replace(epochs=4_000_000), 60_000)  # 1.87e9 < 2**31
+
+
 def test_resume_refuses_a_completed_run_and_changed_hyperparameters(tiny):
     from mnist_jax.errors import UserError
 

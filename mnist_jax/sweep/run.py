@@ -42,6 +42,7 @@ from mnist_jax.train import (
     listening,
     load_data,
     require_disk_space,
+    require_trainable,
     resume_flags,
     start_backend,
 )
@@ -107,6 +108,7 @@ def run_sweep(
     dataset = load_data(first)
     described = {}
     for trial in sweep.trials:  # an unknown model is found before anything is written
+        require_trainable(trial.config, len(dataset.train.labels))
         key = _structure_key(trial.config)
         if key not in described:
             described[key] = models.describe(trial.config, dataset.spec)
