@@ -33,6 +33,7 @@ STEMS = ("auto", "conv", "matmul")
 WANDB_MODES = ("online", "offline", "disabled")
 MAX_CONV_BLOCKS = 4  # 28 -> 14 -> 7 -> 3 -> 1 pixels
 MAX_KERNEL = 28  # no larger than the image
+MAX_WIDTH = 65_536  # channels or units of one layer: catches typos such as 32,6400000
 SWEEP_SECTIONS = {"grid", "zip", "random"}  # what makes a TOML file a sweep spec
 # Where this process computes, not what is trained: every start (and every process) gives its
 # own, and a resumed run does not inherit them from the saved config.
@@ -302,6 +303,9 @@ def _validate(c: Config) -> None:
             raise bad(f"{name} must be a positive integer, got {getattr(c, name)}")
     if not c.conv_features or any(f <= 0 for f in c.conv_features):
         raise bad(f"conv_features must be positive integers, got {list(c.conv_features)}")
+    if max(c.conv_features) > MAX_WIDTH or c.dense_features > MAX_WIDTH:
+        widths = [*c.conv_features, c.dense_features]
+        raise bad(f"layer widths must be at most {MAX_WIDTH:,}, got {widths}")
     if len(c.conv_features) > MAX_CONV_BLOCKS:
         raise bad(
             f"conv_features has {len(c.conv_features)} blocks; each halves the 28x28 image, "

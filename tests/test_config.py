@@ -69,6 +69,8 @@ def test_the_baseline_is_the_classic_recipe():
         ({"conv_features": "32,x"}, "conv_features must be integers"),
         ({"conv_features": [0]}, "conv_features must be positive"),
         ({"conv_features": [8] * 5}, "at most 4 fit"),
+        ({"conv_features": [32, 10**20]}, "layer widths must be at most 65,536"),
+        ({"dense_features": 10**6}, "layer widths must be at most 65,536"),
         ({"seed": -1}, "seed must be in [0, 2**32)"),
         ({"seed": 10**20}, "seed must be in [0, 2**32)"),
         ({"batch_size": "big"}, "batch_size must be int"),
