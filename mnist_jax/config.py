@@ -270,7 +270,7 @@ def _coerce_items(name: str, item: type, value: Any) -> tuple[Any, ...]:
     # A number from TOML already has its type: 8.7 or true is no integer (int() would say 8, 1).
     # Strings are parsed below; any item may become a string (a W&B tag of 2 is "2").
     numbers = [v for v in value if not isinstance(v, str)]
-    if item is not str and any(_coerce_scalar(item, v) is None for v in numbers):
+    if item is not str and not all(_is_a(item, v) for v in numbers):
         raise UserError(f"{name} must be {_ITEM_NOUNS[item]}, got {value!r}")
     try:
         return tuple(item(v) for v in value)
@@ -278,13 +278,11 @@ def _coerce_items(name: str, item: type, value: Any) -> tuple[Any, ...]:
         raise UserError(f"{name} must be {_ITEM_NOUNS[item]}, got {value!r}") from None
 
 
-def _coerce_scalar(expected: type, value: Any) -> Any:
-    """`value` as `expected` where it already is one (an int for a float), else None."""
-    if isinstance(value, bool) and expected is not bool:
-        return None
-    if expected is float and isinstance(value, int):
-        return float(value)
-    return value if isinstance(value, expected) else None
+def _is_a(expected: type, value: Any) -> bool:
+    """Whether a parsed value already is an `expected` (an int is a float, a bool no number)."""
+    if isinstance(value, bool):
+        return expected is bool
+    return isinstance(value, expected) or (expected is float and isinstance(value, int))
 
 
 def _validate(c: Config) -> None:
