@@ -294,7 +294,7 @@ def _validate(c: Config) -> None:
         if allowed and value not in allowed and (value is not None or field.default is not None):
             what = "wandb mode" if field.name == "wandb" else field.name
             raise bad(f"unknown {what} {value!r}; choose one of: {', '.join(allowed)}")
-    if not (math.isfinite(_float32(c.lr)) and _float32(c.lr) > 0):
+    if not (0 < _float32(c.lr) < math.inf):  # nan fails too
         raise bad(f"lr must be a positive number (within float32's range), got {c.lr}")
     for name in ("batch_size", "epochs", "eval_batch_size", "dense_features", "log_every"):
         if getattr(c, name) <= 0:

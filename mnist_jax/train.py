@@ -103,8 +103,8 @@ def resume(run_dir: str | Path, flags: Mapping[str, Any], stop: StopRequest | No
         if not parallel.is_main_process():
             record = FollowerRecord.open(run_dir)
         _in_main_process(lambda: held.enter_context(record.writer_lock()), None)
-        # found before `_run`, which would mark the run failed and lose why it stopped
-        require_checkpoint(record)
+        if last_checkpoint_step(record) is None:  # found here: `_run` would mark the run failed
+            raise UserError(f"run {record.dir} has no checkpoint to resume from; start a new run")
         dataset = load_data(config)
         require_disk_space(config, dataset, record.dir)
         announce_backend(config)
@@ -115,11 +115,11 @@ def resume(run_dir: str | Path, flags: Mapping[str, Any], stop: StopRequest | No
         return _run(config, dataset, record, saved.get("environment", {}), stop, resume=True)
 
 
-def require_checkpoint(record: RunRecord) -> None:
+def last_checkpoint_step(record: RunRecord) -> int | None:
+    """The step of the run's last checkpoint (None: there is none), read without writing."""
     checkpoints = Checkpoints(record.checkpoints_dir, read_only=True)
     try:
-        if checkpoints.latest_step("last") is None:
-            raise UserError(f"run {record.dir} has no checkpoint to resume from; start a new run")
+        return checkpoints.latest_step("last")
     finally:
         checkpoints.close()
 
@@ -409,11 +409,7 @@ class Loop:
         self.record.update_summary(status="running", message=None, **self.writer.info)
 
     def restore(self) -> None:
-        step = self.checkpoints.latest_step("last")
-        if step is None:
-            raise UserError(
-                f"run {self.record.dir} has no checkpoint to resume from; start a new run"
-            )
+        """The last checkpoint (`resume` and a sweep's `_pending` found that there is one)."""
         payload, meta = self.checkpoints.restore("last", self.trainer.payload())
         self.trainer.load(payload, int(meta["step"]))
         self.best_accuracy, self.best_step = meta["best_accuracy"], meta["best_step"]

@@ -22,7 +22,6 @@ import jax
 import numpy as np
 
 from mnist_jax import models, parallel, steps
-from mnist_jax.checkpoint import Checkpoints
 from mnist_jax.errors import UserError
 from mnist_jax.files import write_json_atomic
 from mnist_jax.record import RunRecord
@@ -39,6 +38,7 @@ from mnist_jax.train import (
     abort,
     announce_backend,
     describe_environment,
+    last_checkpoint_step,
     listening,
     load_data,
     require_disk_space,
@@ -192,9 +192,7 @@ def _pending(sweep: Sweep, resume: bool) -> list[Pending]:
                     flush=True,
                 )
             continue
-        checkpoints = Checkpoints(record.checkpoints_dir)
-        step = checkpoints.latest_step("last")
-        checkpoints.close()
+        step = last_checkpoint_step(record)
         out.append(Pending(trial, record, -1 if step is None else step))
     return out
 

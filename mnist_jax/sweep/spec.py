@@ -45,6 +45,7 @@ SPEC_KEYS = ("name", "config", "base", *SECTIONS)
 FIXED = ("dataset", "train_examples", "test_examples", *RECORD_FIELDS, *PLACEMENT_FIELDS)
 LOG_UNIFORM = ("lr", "weight_decay", "grad_clip")  # rates: sampled uniformly in their logarithm
 MAX_TRIALS = 10_000
+SAMPLER_KEYS = ("trials", "seed")  # [random]'s own settings, not fields
 SAMPLE_DIGITS = 4  # sampled values are rounded to 4 significant digits: readable tables
 
 
@@ -141,8 +142,7 @@ def trial_values(spec: Mapping[str, Any], path: Path) -> list[dict[str, Any]]:
                 f"[grid] {key} in {path} lists {repeated[0]!r} more than once; "
                 "to repeat trials, sweep seed"
             )
-    # [random]'s trials and seed are the sampler's own, not fields
-    keys = {"grid": set(grid), "zip": set(zipped), "random": set(sampled) - {"trials", "seed"}}
+    keys = {"grid": set(grid), "zip": set(zipped), "random": set(sampled) - set(SAMPLER_KEYS)}
     for a, b in itertools.combinations(keys, 2):
         both = sorted(keys[a] & keys[b])
         if both:
@@ -171,7 +171,7 @@ def _sample_count(table: Mapping[str, Any], path: Path) -> int:
     if not table:
         return 0
     count = table.get("trials")
-    ranges = [k for k in table if k not in ("trials", "seed")]
+    ranges = [k for k in table if k not in SAMPLER_KEYS]
     if not isinstance(count, int) or isinstance(count, bool) or count <= 0 or not ranges:
         raise UserError(
             f"[random] in {path} needs trials = N (a positive integer) and at least one range, "
@@ -190,7 +190,7 @@ def _samples(table: Mapping[str, Any], path: Path) -> list[dict[str, Any]]:
     count = _sample_count(table, path)
     if not count:
         return []
-    ranges = {k: v for k, v in table.items() if k not in ("trials", "seed")}
+    ranges = {k: v for k, v in table.items() if k not in SAMPLER_KEYS}
     rng = random.Random(table.get("seed", 0))
     rows: list[dict[str, Any]] = [{} for _ in range(count)]
     for key, bounds in ranges.items():
